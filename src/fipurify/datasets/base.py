@@ -1,0 +1,66 @@
+"""In-memory image datasets: uint8 arrays in, float C x H x W tensors in [0, 1] out."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+
+
+class ArrayDataset(Dataset):
+    """Images held as one uint8 array of shape N x H x W x C and integer labels.
+
+    ``dataset[i]`` returns ``(image, label)`` with ``image`` a float32 tensor of shape
+    C x H x W in [0, 1] and ``label`` a Python int. Models carry their own input
+    normalisation, so triggers can act directly in this pixel space.
+    """
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int] | np.ndarray,
+                 classes: Sequence[str] | None = None, name: str = "array"):
+        images = np.asarray(images)
+        labels = np.asarray(labels, dtype=np.int64)
+        if images.ndim == 3:  # grey-scale N x H x W
+            images = images[..., None]
+        if images.ndim != 4:
+            raise DataError(f"{name}: images must have shape N x H x W x C, got {images.shape}")
+        if images.dtype != np.uint8:
+            raise DataError(f"{name}: images must be uint8, got {images.dtype}")
+        if len(images) != len(labels):
+            raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
+        if classes is None:
+            classes = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise DataError(f"{name}: labels must lie in [0, {len(classes) - 1}]")
+        self.images = images
+        self.labels = labels
+        self.classes = list(classes)
+        self.name = name
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape of one returned image, C x H x W."""
+        n, h, w, c = self.images.shape
+        return (c, h, w)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        img = torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div_(255.0)
+        return img, int(self.labels[index])
+
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> "ArrayDataset":
+        """A new ArrayDataset holding only ``indices`` (copies the rows)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ArrayDataset(self.images[idx], self.labels[idx], self.classes, name or self.name)
+
+    def __repr__(self) -> str:
+        return (f"ArrayDataset(name={self.name!r}, n={len(self)}, "
+                f"shape={self.image_shape}, classes={self.num_classes})")
