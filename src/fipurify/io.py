@@ -1,0 +1,142 @@
+"""Saving and loading models as safetensors plus JSON metadata, never via pickle.
+
+A fipurify model file is an ordinary ``.safetensors`` file. Its header metadata holds
+one JSON document under the key ``"fipurify"`` with the architecture and its
+arguments (so the model can be rebuilt), the caller's metadata (dataset, attack,
+seed, clean-reserve digest, ...), and a SHA-256 digest of all tensors so that a
+tampered file is refused. Writes are atomic: a crash never leaves half a file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import ModelFileError
+
+FORMAT = "fipurify-model/1"
+_KEY = "fipurify"
+
+
+def tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of a state dict, in sorted key order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage: give every tensor its own copy.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomic text write (UTF-8); see :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save ``model`` and JSON-serialisable ``metadata`` to a safetensors file, atomically.
+
+    The model must come from :func:`fipurify.models.create` (it carries
+    ``fipurify_spec``) or ``metadata`` must hold ``"arch"`` and ``"arch_kwargs"``.
+    """
+    from safetensors.torch import save
+
+    meta = dict(metadata or {})
+    spec = getattr(model, "fipurify_spec", None)
+    if spec is None:
+        if "arch" not in meta:
+            raise ModelFileError("cannot save a model without an architecture spec: build it with "
+                                 "fipurify.models.create or pass metadata={'arch': ..., 'arch_kwargs': {...}}")
+        spec = {"arch": meta.pop("arch"), "kwargs": meta.pop("arch_kwargs", {})}
+    state = _plain_state(model)
+    doc = {"format": FORMAT, "arch": spec["arch"], "arch_kwargs": spec["kwargs"],
+           "metadata": meta, "tensors_sha256": tensors_digest(state)}
+    try:
+        header = {_KEY: json.dumps(doc, sort_keys=True)}
+    except TypeError as e:
+        raise ModelFileError(f"metadata is not JSON-serialisable: {e}") from None
+    return atomic_write_bytes(path, save(state, metadata=header))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The fipurify JSON document of a model file, without loading the tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for non-safetensors input
+        raise ModelFileError(f"{path} is not a safetensors file ({type(e).__name__}: {e}); "
+                             "fipurify never unpickles model files") from None
+    if _KEY not in header:
+        raise ModelFileError(f"{path} is a safetensors file but not a fipurify model (no '{_KEY}' metadata)")
+    try:
+        doc = json.loads(header[_KEY])
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: corrupt fipurify metadata ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: unsupported model format {doc.get('format') if isinstance(doc, dict) else doc!r}")
+    return doc
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Load a model saved by :func:`save_model`; returns ``(model, metadata)`` with the model in eval mode.
+
+    Raises :class:`ModelFileError` for anything that is not an untampered fipurify file.
+    """
+    from safetensors.torch import load_file
+
+    from . import models
+
+    doc = read_metadata(path)
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise ModelFileError(f"{path}: corrupt tensor data ({type(e).__name__}: {e})") from None
+    if tensors_digest(state) != doc.get("tensors_sha256"):
+        raise ModelFileError(f"{path}: tensor checksum mismatch - the file was modified after it was saved")
+    try:
+        model = models.create(doc["arch"], **doc["arch_kwargs"])
+    except Exception as e:
+        raise ModelFileError(f"{path}: cannot rebuild architecture {doc.get('arch')!r}: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelFileError(f"{path}: weights do not fit architecture {doc['arch']!r}: "
+                             f"{str(e).splitlines()[0]}") from None
+    meta = dict(doc.get("metadata", {}))
+    meta.setdefault("arch", doc["arch"])
+    meta.setdefault("arch_kwargs", doc["arch_kwargs"])
+    return model.to(map_location).eval(), meta
