@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_backdoor():
+    """A tiny PreActResNet trained with BadNets on synthetic 16x16 data (ASR ~100%), shared by tests."""
+    from fipurify import attacks, models
+    from fipurify.datasets.synthetic import synthetic
+    from fipurify.training import TrainConfig, train_model
+
+    train = synthetic(n=600, num_classes=4, image_size=16, seed=0, split="train")
+    test = synthetic(n=200, num_classes=4, image_size=16, seed=0, split="test")
+    reserve = synthetic(n=120, num_classes=4, image_size=16, seed=0, split="reserve")
+    attack = attacks.create("badnets", target=0, poison_rate=0.2, seed=0)
+    torch.manual_seed(0)
+    model = models.create("preactresnet18", num_classes=4, width=4, input_size=16)
+    cfg = TrainConfig(epochs=6, lr=0.05, batch_size=32, seed=0, augment=False)
+    bd_test = attack.backdoor_test_set(test)
+    hist = train_model(model, attack.poison(train), cfg, clean_test=test, backdoor_test=bd_test,
+                       progress=False, log=None)
+    return {"model": model, "attack": attack, "train": train, "test": test, "reserve": reserve,
+            "backdoor_test": bd_test, "history": hist}
