@@ -1,0 +1,116 @@
+"""The common paths glued together: data with a clean reserve, backdoor training, evaluation.
+
+The CLI and the benchmarks both call these, so there is one definition of how a
+backdoored model and its clean reserve are made.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__, attacks, datasets, models
+from .datasets.base import ArrayDataset
+from .errors import ConfigError, DataError
+from .metrics import evaluate
+from .training import TrainConfig, train_model
+
+
+@dataclass
+class DataBundle:
+    """A training part, its clean reserve (never poisoned, never trained on) and the test set."""
+    train: ArrayDataset
+    reserve: ArrayDataset
+    test: ArrayDataset
+    reserve_info: dict[str, Any]
+    dataset_info: dict[str, Any]
+
+
+def load_data(name: str, root: str | None = None, reserve: int | float = 0.1, seed: int = 0,
+              train_limit: int | None = None, **load_kw) -> DataBundle:
+    """Load ``name``'s train and test splits and split a seeded clean reserve off the training set.
+
+    ``train_limit`` keeps a seeded random subset of the training set first (for quick demos).
+    """
+    train = datasets.load(name, root=root, split="train", **load_kw)
+    test = datasets.load(name, root=root, split="test", **load_kw)
+    limit_info = None
+    if train_limit is not None and train_limit < len(train):
+        if train_limit < 2:
+            raise ConfigError(f"train_limit must be >= 2, got {train_limit}")
+        g = torch.Generator().manual_seed(seed + 7919)
+        keep = torch.randperm(len(train), generator=g)[:train_limit].sort().values.numpy()
+        train = train.subset(keep)
+        limit_info = {"n": int(train_limit), "seed": seed + 7919}
+    part, res, idx = datasets.split_reserve(train, reserve, seed)
+    reserve_info = {"size": int(len(idx)), "seed": int(seed), "requested": reserve,
+                    "sha256": datasets.indices_digest(idx), "train_limit": limit_info}
+    info = {"name": name, "num_classes": train.num_classes, "classes": list(train.classes),
+            "image_shape": list(train.image_shape), "n_train": len(part), "n_test": len(test)}
+    if load_kw:
+        info["load_kwargs"] = load_kw
+    return DataBundle(part, res, test, reserve_info, info)
+
+
+def reload_data(metadata: dict[str, Any], root: str | None = None) -> DataBundle:
+    """Rebuild the exact data split a saved model was trained with, checking the reserve digest."""
+    ds = metadata.get("dataset")
+    res = metadata.get("clean_reserve")
+    if not ds or not res:
+        raise DataError("the model's metadata does not say which dataset and clean reserve it was trained "
+                        "with; pass your own clean data instead")
+    limit = (res.get("train_limit") or {}).get("n")
+    bundle = load_data(ds["name"], root, res["requested"], res["seed"], limit, **ds.get("load_kwargs", {}))
+    if bundle.reserve_info["sha256"] != res["sha256"]:
+        raise DataError("the clean reserve drawn from this copy of the dataset differs from the one the "
+                        "model was trained with (different dataset files?)")
+    return bundle
+
+
+def build_model(arch: str, bundle: DataBundle, width: int | None = None, seed: int = 0, **kw) -> nn.Module:
+    """A freshly initialised model sized for ``bundle``'s images and classes."""
+    c, h, _ = bundle.dataset_info["image_shape"]
+    if width is not None:
+        kw["width"] = width
+    if "mean" not in kw and "std" not in kw:
+        kw["mean"], kw["std"] = models.dataset_stats(bundle.dataset_info["name"], c)
+    torch.manual_seed(seed)
+    return models.create(arch, num_classes=bundle.dataset_info["num_classes"], in_channels=c,
+                         input_size=h, **kw)
+
+
+def train_backdoored(bundle: DataBundle, arch: str, attack: attacks.Attack | None,
+                     config: TrainConfig, width: int | None = None, progress: bool = True,
+                     log=print, **arch_kw) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a clean (``attack=None``) or backdoored model; returns it with its metadata."""
+    model = build_model(arch, bundle, width, config.seed, **arch_kw)
+    train_set = attack.poison(bundle.train) if attack is not None else bundle.train
+    backdoor_test = attack.backdoor_test_set(bundle.test) if attack is not None else None
+    history = train_model(model, train_set, config, clean_test=bundle.test, backdoor_test=backdoor_test,
+                          progress=progress, log=log)
+    final = evaluate(model, bundle.test, backdoor_test)
+    meta = {"fipurify_version": __version__, "dataset": bundle.dataset_info,
+            "clean_reserve": bundle.reserve_info, "attack": attack.to_spec() if attack else None,
+            "train_config": config.to_dict(), "seed": config.seed, "history": history,
+            "metrics": {k: final[k] for k in ("acc", "asr", "lcr")}}
+    return model, meta
+
+
+def evaluate_saved(model: nn.Module, metadata: dict[str, Any], root: str | None = None,
+                   bundle: DataBundle | None = None) -> dict[str, Any]:
+    """ACC / ASR / LCR of ``model`` on the test set and attack recorded in ``metadata``."""
+    bundle = bundle or reload_test_only(metadata, root)
+    attack_spec = metadata.get("attack")
+    backdoor_test = attacks.from_spec(attack_spec).backdoor_test_set(bundle.test) if attack_spec else None
+    return evaluate(model, bundle.test, backdoor_test)
+
+
+def reload_test_only(metadata: dict[str, Any], root: str | None = None) -> DataBundle:
+    """Only the test split of the model's dataset (no reserve check), for evaluation."""
+    ds = metadata.get("dataset")
+    if not ds:
+        raise DataError("the model's metadata names no dataset; evaluate it with your own test data in Python")
+    test = datasets.load(ds["name"], root=root, split="test", **ds.get("load_kwargs", {}))
+    return DataBundle(test.subset([]), test.subset([]), test, {}, ds)
