@@ -51,8 +51,8 @@ def main() -> None:
             res = meta["metrics"]
         rows.append({"attack": name, "acc": res["acc"], "asr": res["asr"], "train_s": seconds,
                      "asr_ok": None if res["asr"] is None else res["asr"] >= 0.95})
-        print(f"{name}: ACC {100 * res['acc']:.2f}  ASR {'-' if res['asr'] is None else f'{100 * res['asr']:.2f}'}",
-              file=sys.stderr)
+        asr = "-" if res["asr"] is None else f"{100 * res['asr']:.2f}"
+        print(f"{name}: ACC {100 * res['acc']:.2f}  ASR {asr}", file=sys.stderr)
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / "train_attacks.json", json.dumps({"preset": p, "rows": rows}, indent=2))
     table = format_table(rows, ["attack", "acc", "asr", "train_s"])

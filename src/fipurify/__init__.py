@@ -1,2 +1,23 @@
-"""fipurify: remove backdoors from trained PyTorch models with Fisher Information guided Purification."""
+"""fipurify: remove backdoors from trained PyTorch models with Fisher Information guided Purification.
+
+Public entry points::
+
+    fipurify.datasets.load(name, root=None, split="train")
+    fipurify.models.create(name, num_classes=10, **kw)
+    fipurify.attacks.create(name, target=0, poison_rate=0.1, **kw)
+    fipurify.metrics.evaluate(model, clean_test, backdoor_test)
+    fipurify.purify(model, clean_data, method="ffip", **options)
+    fipurify.save_model(model, path, metadata) / fipurify.load_model(path)
+"""
 __version__ = "0.1.0"
+
+from .io import load_model, save_model  # noqa: E402
+
+
+def purify(model, clean_data, method: str = "ffip", **options):
+    """Purify ``model`` on ``clean_data`` with ``method`` (see :mod:`fipurify.defenses`)."""
+    from .defenses import purify as _purify
+    return _purify(model, clean_data, method=method, **options)
+
+
+__all__ = ["__version__", "load_model", "purify", "save_model"]
