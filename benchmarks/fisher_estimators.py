@@ -1,6 +1,6 @@
 """Cost and accuracy of the Fisher-trace estimators on a small PreActResNet with BatchNorm.
 
-Run:  python benchmarks/fisher_estimators.py [--width 8] [--batch 64] [--sub-batch 16]
+Run:  python benchmarks/fisher_estimators.py [--width 8] [--batch 64] [--sub-batch 16] [--threads 1]
 
 Prints two tables:
 1. wall time of one training step's forward + backward: CE alone, CE + sampled Tr(F)
@@ -69,14 +69,17 @@ def make_model(width: int) -> tuple[nn.Module, str]:
         return TinyPreActResNet18(width), "inline TinyPreActResNet18"
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed(fns: list, repeats: int) -> list[float]:
+    """Median wall time of each function; runs them round-robin so load spikes hit all alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def step(model, params, x, y, estimator, sub_batch, gen):
@@ -108,7 +111,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--draws", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    # One thread by default: on a shared CPU, oversubscribed OpenMP threads made steps 20-100x
+    # slower and the timings meaningless.
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -134,7 +142,8 @@ def main() -> None:
     }
     print(f"model: {source}, width {args.width}; batch {args.batch} x 3x32x32; "
           f"sub-batch {args.sub_batch}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, CPU")
+          f"{torch.get_num_threads()} threads, "
+          f"{'CUDA' if torch.cuda.is_available() else 'CPU'} (this script runs on the CPU)")
     for name, (model, params) in setups.items():
         print(f"  params w.r.t. {name}: {sum(p.numel() for p in params):,} entries")
 
@@ -142,8 +151,8 @@ def main() -> None:
     print(f"{'w.r.t.':<8} {'CE':>8} {'+sampled':>9} {'+exact':>8} {'+exact-exp':>11}")
     for name, (model, params) in setups.items():
         model.train()
-        row = [timed(step(model, params, x, y, est, args.sub_batch, gen), args.repeats)
-               for est in (None, "sampled", "exact", "exact-expected")]
+        row = timed([step(model, params, x, y, est, args.sub_batch, gen)
+                     for est in (None, "sampled", "exact", "exact-expected")], args.repeats)
         print(f"{name:<8} {row[0]:8.3f} {row[1]:9.3f} {row[2]:8.3f} {row[3]:11.3f}"
               f"   (x{row[1] / row[0]:.1f}, x{row[2] / row[0]:.1f}, x{row[3] / row[0]:.1f} of CE)")
 

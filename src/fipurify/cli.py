@@ -37,7 +37,7 @@ def _progress(args) -> bool:
 
 
 def cmd_train(args) -> int:
-    from . import attacks
+    from . import attacks, models
     from .io import atomic_write_text, save_model
     from .training import TrainConfig
     from .workflow import load_data, train_backdoored
@@ -45,11 +45,15 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
                       weight_decay=args.weight_decay, seed=args.seed, flip=not args.no_flip,
                       eval_every=args.eval_every).validate()
-    bundle = load_data(args.dataset, args.data_root, _reserve(args.reserve), args.seed, args.train_limit)
+    models.canonical_name(args.arch)  # fail on a bad name before loading any data
     attack = None
     if args.attack != "none":
         attack = attacks.create(args.attack, target=args.target, poison_rate=args.poison_rate,
                                 mode=args.mode, seed=args.seed, **_parse_attack_kv(args.attack_opt))
+    bundle = load_data(args.dataset, args.data_root, _reserve(args.reserve), args.seed, args.train_limit)
+    if attack is not None and not 0 <= args.target < bundle.dataset_info["num_classes"]:
+        raise FipurifyError(f"target label {args.target} is out of range for "
+                            f"{bundle.dataset_info['num_classes']} classes")
     print(f"training {args.arch} on {bundle.dataset_info['name']}: {len(bundle.train)} training images, "
           f"{len(bundle.reserve)} held out as clean reserve, attack: {args.attack}", file=sys.stderr)
     model, meta = train_backdoored(bundle, args.arch, attack, cfg, width=args.width,
@@ -78,6 +82,67 @@ def cmd_evaluate(args) -> int:
     print(format_table([row], ["model", "acc", "asr", "lcr", "n_clean", "n_backdoor"]))
     if args.json:
         atomic_write_text(args.json, json.dumps(row, indent=2))
+    return 0
+
+
+def _parse_options(items: Sequence[str]) -> dict[str, Any]:
+    out = _parse_attack_kv(items)
+    return {k.replace("-", "_"): v for k, v in out.items()}
+
+
+def _clean_set(args, meta: dict[str, Any]):
+    """The clean purification set: a user's image folder, or N images from the model's clean reserve."""
+    from . import datasets
+    from .workflow import reload_data
+
+    if args.clean_dir:
+        shape = meta.get("dataset", {}).get("image_shape")
+        classes = meta.get("dataset", {}).get("classes")
+        data = datasets.load("imagefolder", root=args.clean_dir, split=None, classes=classes,
+                             size=shape[1:] if shape else None)
+    else:
+        data = reload_data(meta, args.data_root).reserve
+    n = args.clean_size if args.clean_size is not None else len(data)
+    return datasets.draw_clean_subset(data, n, args.seed)
+
+
+def cmd_purify(args) -> int:
+    from . import defenses
+    from .io import atomic_write_text, load_model, save_model
+    from .metrics import defense_effectiveness_rate, format_table
+    from .workflow import evaluate_saved
+
+    model, meta = load_model(args.model)
+    options = _parse_options(args.set)
+    for key in ("epochs", "lr", "eta_f", "eta_r"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    options.setdefault("seed", args.seed)
+    ds_name = meta.get("dataset", {}).get("name")
+    defense = defenses.create(args.method, dataset=ds_name if ds_name in defenses.PAPER_PRESETS else None, **options)
+    clean = _clean_set(args, meta)
+    print(f"purifying {Path(args.model).name} with {args.method} on {len(clean)} clean images", file=sys.stderr)
+
+    def log(rec: dict[str, Any]) -> None:
+        terms = "  ".join(f"{k} {rec[k]:.4f}" for k in ("ce", "trf", "lr") if k in rec)
+        acc = f"  holdout-acc {100 * rec['holdout_acc']:.2f}" if "holdout_acc" in rec else ""
+        print(f"epoch {rec['epoch']:3d}  {terms}{acc}  ({rec['seconds']:.2f}s)", file=sys.stderr)
+
+    purified = defense.purify(model, clean, progress=_progress(args), callback=None if args.quiet else log)
+    report = {"model": str(args.model), "clean_size": len(clean), **defense.report}
+    if not args.no_eval and meta.get("dataset"):
+        before = evaluate_saved(model, meta, args.data_root)
+        after = evaluate_saved(purified, meta, args.data_root)
+        report["before"], report["after"] = before, after
+        rows = [{"model": "before", **before}, {"model": "after", **after}]
+        if before["asr"] is not None:
+            rows[1]["der"] = defense_effectiveness_rate(before, after)
+        print(format_table(rows, ["model", "acc", "asr", "lcr", "der"]))
+    new_meta = {k: v for k, v in meta.items() if k not in ("arch", "arch_kwargs", "history")}
+    new_meta["purification"] = {k: v for k, v in report.items() if k != "history"}
+    save_model(purified, args.out, new_meta)
+    atomic_write_text(args.report or str(Path(args.out).with_suffix(".json")), json.dumps(report, indent=2))
+    print(f"saved {args.out} ({report['seconds']['total']:.1f}s)")
     return 0
 
 
@@ -120,6 +185,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     e.add_argument("--json", default=None, help="write the numbers as JSON")
     e.set_defaults(func=cmd_evaluate)
+
+    u = sub.add_parser("purify", help="remove a backdoor with f-FIP (default) or another method")
+    u.add_argument("model")
+    u.add_argument("--method", default="ffip", help="ffip (default), fip, ft, ffip-no-trf, ffip-no-lr")
+    u.add_argument("--clean-size", type=int, default=None,
+                   help="clean images drawn from the model's clean reserve (default: the whole reserve)")
+    u.add_argument("--clean-dir", default=None, help="use your own clean images: a folder of class/*.png")
+    _add_data_args(u)
+    u.add_argument("--epochs", type=int, default=None)
+    u.add_argument("--lr", type=float, default=None)
+    u.add_argument("--eta-f", type=float, default=None, help="weight of the Fisher-trace penalty")
+    u.add_argument("--eta-r", type=float, default=None, help="weight of the clean-Fisher anchor L_r")
+    u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other option of the method's config (JSON value), repeatable")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--out", required=True, help="output .safetensors file")
+    u.add_argument("--report", default=None, help="JSON report path (default: OUT with .json)")
+    u.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation on the test set")
+    u.add_argument("--quiet", action="store_true")
+    u.set_defaults(func=cmd_purify)
     return p
 
 

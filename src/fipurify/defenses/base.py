@@ -1,0 +1,145 @@
+"""The one interface every purification method implements.
+
+A defense is configured in its constructor (a validated config dataclass, with
+per-dataset presets) and acts in one call::
+
+    purified = Defense(config).purify(model, clean_data)
+
+``clean_data`` is any map-style ``Dataset`` of ``(image, label)`` or a ``DataLoader``
+over one. A defense never sees test data. After ``purify`` the defense holds a
+``report`` dict (config, timings, per-epoch figures) for the CLI and benchmarks.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ConfigError, DataError
+
+#: a callback receives one per-epoch record (dict) while a defense runs
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class DefenseConfig:
+    """Settings shared by every fine-tuning-based defense.
+
+    ``holdout`` is the share of the clean set kept out of training to report clean
+    accuracy per epoch (never test data). ``min_clean`` is the smallest clean set
+    accepted.
+    """
+    epochs: int = 50
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    milestones: tuple[int, ...] = (40,)
+    gamma: float = 0.1
+    augment: bool = True
+    flip: bool = True
+    holdout: float = 0.1
+    min_clean: int = 10
+    seed: int = 0
+    bn_mode: str = "train"
+    grad_clip: float | None = None
+
+    def validate(self) -> "DefenseConfig":
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.holdout < 0.5:
+            raise ConfigError(f"holdout must lie in [0, 0.5), got {self.holdout}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ConfigError("momentum must lie in [0, 1) and weight_decay be >= 0")
+        if self.bn_mode not in ("train", "eval"):
+            raise ConfigError(f"bn_mode must be 'train' or 'eval', got {self.bn_mode!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if any(m < 1 for m in self.milestones) or not 0 < self.gamma <= 1:
+            raise ConfigError("milestones must be epochs >= 1 and gamma lie in (0, 1]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    def updated(self, **overrides: Any) -> "DefenseConfig":
+        """A copy with ``overrides`` applied; unknown names raise ConfigError."""
+        known = {f.name for f in fields(self)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ConfigError(f"unknown option(s) for {type(self).__name__}: {', '.join(bad)}; "
+                              f"known: {', '.join(sorted(known))}")
+        if "milestones" in overrides and overrides["milestones"] is not None:
+            overrides["milestones"] = tuple(int(m) for m in overrides["milestones"])
+        return replace(self, **overrides).validate()
+
+
+class Defense(ABC):
+    """Base class: configure in the constructor, act in :meth:`purify`."""
+
+    name: ClassVar[str] = "defense"
+    config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
+
+    def __init__(self, config: DefenseConfig | None = None, **overrides: Any):
+        cfg = config if config is not None else self.config_class()
+        if not isinstance(cfg, self.config_class):
+            raise ConfigError(f"{self.name} takes a {self.config_class.__name__}, got {type(cfg).__name__}")
+        self.config = cfg.updated(**overrides) if overrides else cfg.validate()
+        self.report: dict[str, Any] = {}
+
+    @abstractmethod
+    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
+               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+        """Return a purified copy of ``model`` (the input model is left unchanged)."""
+
+
+def as_dataset(clean_data: Dataset | DataLoader) -> Dataset:
+    """The dataset behind ``clean_data``; raises DataError for anything else."""
+    if isinstance(clean_data, DataLoader):
+        clean_data = clean_data.dataset
+    if not hasattr(clean_data, "__getitem__") or not hasattr(clean_data, "__len__"):
+        raise DataError("clean data must be a map-style Dataset of (image, label) or a DataLoader over one")
+    return clean_data
+
+
+def check_clean_set(dataset: Dataset, minimum: int, model: nn.Module | None = None) -> None:
+    """Refuse an empty or too small clean set, and a class-count mismatch with the model."""
+    n = len(dataset)
+    if n == 0:
+        raise DataError("the clean set is empty")
+    if n < minimum:
+        raise DataError(f"the clean set has {n} images; at least {minimum} are needed "
+                        f"(the paper uses 1% of the training set, e.g. 500 for CIFAR-10)")
+    x, y = dataset[0]
+    if getattr(x, "ndim", 0) != 3:
+        raise DataError(f"clean images must be C x H x W tensors, got shape {tuple(getattr(x, 'shape', ()))}")
+    if model is None:
+        return
+    p = next(model.parameters(), None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[None].to(p.device if p is not None else "cpu"))
+    except RuntimeError as e:
+        raise DataError(f"the model cannot process clean images of shape {tuple(x.shape)}: "
+                        f"{str(e).splitlines()[0]}") from None
+    finally:
+        model.train(was_training)
+    n_model = out.shape[-1]
+    n_data = getattr(dataset, "num_classes", None)
+    if n_data is not None and n_data != n_model:
+        raise DataError(f"class count mismatch: the model predicts {n_model} classes but the clean set has {n_data}")
+    if not 0 <= int(y) < n_model:
+        raise DataError(f"clean label {int(y)} is out of range for a model with {n_model} classes")

@@ -1,0 +1,107 @@
+"""The one fine-tuning loop that every fine-tuning-based defense runs.
+
+A defense supplies the trainable parameters and, optionally, a function adding
+penalty terms to the cross-entropy; the loop owns batching, augmentation, the
+optimizer and schedule, divergence checks, progress and per-epoch logging.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..augment import random_crop_flip
+from ..errors import FipurifyError
+from ..metrics import accuracy, predict
+from .base import DefenseConfig, EpochCallback
+
+#: extra(model, x, y, step) -> {name: scalar tensor}; the terms are added to the CE loss
+PenaltyFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]]
+
+
+class PurificationDiverged(FipurifyError):
+    """The loss became NaN or infinite; no purified model is returned."""
+
+
+def set_bn_eval(model: nn.Module) -> None:
+    """Put every batch-norm layer in eval mode (use and keep the running statistics)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Dataset, cfg: DefenseConfig, *,
+             holdout: Dataset | None = None, penalty: PenaltyFn | None = None,
+             optimizer: torch.optim.Optimizer | None = None, post_step: Callable[[float], None] | None = None,
+             progress: bool = True,
+             callback: EpochCallback | None = None, desc: str = "purify") -> list[dict[str, Any]]:
+    """Minimise CE (+ ``penalty`` terms) over ``params`` for ``cfg.epochs`` epochs, in place.
+
+    ``post_step(lr)`` runs after every optimizer step (e.g. a proximal update).
+    Returns one record per epoch: mean of every loss term, holdout clean accuracy,
+    learning rate and seconds.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise FipurifyError("nothing to train: no parameter requires a gradient")
+    device = params[0].device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(train_set, batch_size=min(cfg.batch_size, len(train_set)), shuffle=True,
+                        generator=gen)
+    opt = optimizer or torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [m for m in cfg.milestones], cfg.gamma)
+    history: list[dict[str, Any]] = []
+    step = 0
+    bar = tqdm(total=cfg.epochs * len(loader), desc=desc, disable=not progress, unit="it", leave=False)
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            if cfg.bn_mode == "eval":
+                set_bn_eval(model)
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                if cfg.augment:
+                    x = random_crop_flip(x, 4, cfg.flip, generator=gen)
+                terms = {"ce": F.cross_entropy(model(x), y)}
+                if penalty is not None:
+                    terms.update(penalty(model, x, y, step))
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    raise PurificationDiverged(
+                        f"the loss became {loss.item()} at epoch {epoch} (terms: "
+                        + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                        + "); lower lr or the penalty weights")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                if post_step is not None:
+                    post_step(opt.param_groups[0]["lr"])
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v.item()
+                    counts[k] = counts.get(k, 0) + 1
+                step += 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, ce=f"{terms['ce'].item():.3f}")
+            sched.step()
+            rec: dict[str, Any] = {"epoch": epoch, **{k: sums[k] / counts[k] for k in sums},
+                                   "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+            if holdout is not None and len(holdout):
+                preds, labels = predict(model, holdout)
+                rec["holdout_acc"] = accuracy(preds, labels)
+            history.append(rec)
+            if callback is not None:
+                callback(rec)
+    finally:
+        bar.close()
+    model.eval()
+    return history

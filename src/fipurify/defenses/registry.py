@@ -1,0 +1,53 @@
+"""Named purification methods and their per-dataset presets."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from .base import Defense
+from .fip import FIP, FIPConfig
+
+# The paper's per-dataset FIP settings (appendix A.3.2): clean-set share, epochs, schedule.
+PAPER_PRESETS: dict[str, dict[str, Any]] = {
+    "cifar10": {"epochs": 50, "lr": 0.01, "milestones": (40,), "gamma": 0.1, "clean_fraction": 0.01},
+    "gtsrb": {"epochs": 50, "lr": 0.01, "milestones": (40,), "gamma": 0.1, "clean_fraction": 0.03},
+    "tiny-imagenet": {"epochs": 15, "lr": 0.01, "milestones": tuple(range(1, 15)), "gamma": 0.3,
+                      "clean_fraction": 0.05},
+    "imagenet": {"epochs": 2, "lr": 0.001, "milestones": (1,), "gamma": 0.995, "clean_fraction": 0.03},
+}
+
+# method name -> (class, option overrides). Ablations are configurations, not forks.
+METHODS: dict[str, tuple[type[Defense], dict[str, Any]]] = {
+    "ffip": (FIP, {"space": "spectral"}),
+    "fip": (FIP, {"space": "weights"}),
+    "ffip-no-trf": (FIP, {"space": "spectral", "eta_f": 0.0}),
+    "ffip-no-lr": (FIP, {"space": "spectral", "eta_r": 0.0}),
+    "ft": (FIP, {"space": "weights", "eta_f": 0.0, "eta_r": 0.0}),
+}
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`create`."""
+    return sorted(METHODS)
+
+
+def preset(dataset: str) -> dict[str, Any]:
+    """The paper's schedule for ``dataset`` (a copy), including its clean-set share."""
+    key = dataset.lower().replace("_", "-")
+    if key not in PAPER_PRESETS:
+        raise ConfigError(f"no preset for dataset {dataset!r}; known: {', '.join(PAPER_PRESETS)}")
+    return dict(PAPER_PRESETS[key])
+
+
+def create(method: str = "ffip", dataset: str | None = None, **options: Any) -> Defense:
+    """A configured defense: method defaults, then the dataset's schedule, then ``options``."""
+    key = method.lower()
+    if key not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(available())}")
+    cls, fixed = METHODS[key]
+    merged: dict[str, Any] = {}
+    if dataset is not None:
+        merged.update({k: v for k, v in preset(dataset).items() if k != "clean_fraction"})
+    merged.update(fixed)
+    merged.update(options)
+    return cls(cls.config_class(), **merged)
