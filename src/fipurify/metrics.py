@@ -81,7 +81,7 @@ def defense_effectiveness_rate(before: dict[str, float], after: dict[str, float]
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A Markdown table; floats in [0, 1] under rate columns are shown as percentages."""
+    """A Markdown table; rates (acc, asr, lcr, der, *_acc) are shown as percentages."""
     rate_cols = {"acc", "asr", "lcr", "der"}
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
@@ -90,7 +90,7 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
             v = r.get(c)
             if v is None:
                 cells.append("-")
-            elif c in rate_cols and isinstance(v, float):
+            elif (c in rate_cols or c.endswith("_acc")) and isinstance(v, float):
                 cells.append(f"{100 * v:.2f}")
             elif isinstance(v, float):
                 cells.append(f"{v:.4g}")

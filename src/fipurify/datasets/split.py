@@ -87,8 +87,11 @@ def indices_digest(indices: np.ndarray | list[int]) -> str:
     return hashlib.sha256(np.asarray(indices, dtype="<i8").tobytes()).hexdigest()
 
 
-def draw_clean_subset(reserve: ArrayDataset, n: int, seed: int) -> ArrayDataset:
-    """``n`` images from the clean ``reserve``, stratified by class and fixed by ``seed``."""
+def draw_clean_subset(reserve: ArrayDataset, n: int, seed: int, return_indices: bool = False):
+    """``n`` images from the clean ``reserve``, stratified by class and fixed by ``seed``.
+
+    With ``return_indices`` returns ``(subset, indices into reserve)``.
+    """
     seed = _check_seed(seed)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise ConfigError(f"clean subset size must be an integer, got {n!r}")
@@ -97,7 +100,8 @@ def draw_clean_subset(reserve: ArrayDataset, n: int, seed: int) -> ArrayDataset:
                         f"holds {len(reserve)}")
     rng = np.random.default_rng([seed, _SUBSET_STREAM])
     idx = stratified_indices(reserve.labels, int(n), rng)
-    return reserve.subset(idx, name=f"{reserve.name}-clean{int(n)}")
+    subset = reserve.subset(idx, name=f"{reserve.name}-clean{int(n)}")
+    return (subset, idx) if return_indices else subset
 
 
 __all__ = ["split_reserve", "indices_digest", "draw_clean_subset", "stratified_indices"]

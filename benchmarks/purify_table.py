@@ -1,0 +1,104 @@
+"""Purification table on the CPU CIFAR-10 preset: ASR, ACC, LCR, DER, wall time, peak memory.
+
+    python benchmarks/purify_table.py [--attacks badnets blend trojan sig]
+        [--methods none ft fip ffip ffip-no-trf ffip-no-lr] [--clean-size 500] [--set KEY=VALUE ...]
+
+Uses the models cached by benchmarks/train_attacks.py. Every method gets the same 500
+clean images (seed 0) from the model's clean reserve; hyper-parameters are the library
+defaults (the same for every attack) unless --set overrides them. Each run is a separate
+process so its peak memory can be measured. Writes results/purify_table.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from presets import ATTACKS, RESULTS, model_path
+
+METHODS = ["none", "ft", "fip", "ffip", "ffip-no-trf", "ffip-no-lr"]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(attack: str, method: str, clean_size: int, options: dict) -> dict:
+    """One purification run in this process; returns its row."""
+    from fipurify import defenses, load_model
+    from fipurify.datasets import draw_clean_subset
+    from fipurify.metrics import defense_effectiveness_rate
+    from fipurify.workflow import evaluate_saved, reload_data
+
+    model, meta = load_model(model_path(attack))
+    bundle = reload_data(meta)
+    clean = draw_clean_subset(bundle.reserve, clean_size, 0)
+    before = evaluate_saved(model, meta, bundle=bundle)
+    row = {"attack": attack, "method": method, "clean_size": clean_size}
+    if method == "none":
+        return {**row, **before, "der": None, "seconds": 0.0, "epoch_s": None, "peak_mb": 0.0}
+    base_rss = _rss_mb()
+    d = defenses.create(method, dataset="cifar10", **options)
+    t0 = time.perf_counter()
+    out = d.purify(model, clean, progress=False)
+    secs = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+    after = evaluate_saved(out, meta, bundle=bundle)
+    hist = d.report["history"]
+    return {**row, **after, "der": defense_effectiveness_rate(before, after), "seconds": secs,
+            "epoch_s": sum(h["seconds"] for h in hist) / len(hist), "setup_s": d.report["seconds"]["setup"],
+            "peak_mb": max(peak, 0.0), "n_trainable": d.report["n_trainable"], "config": d.report["config"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--clean-size", type=int, default=500)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--worker", nargs=2, metavar=("ATTACK", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="purify_table")
+    args = ap.parse_args()
+    options = {}
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        try:
+            options[k] = json.loads(v)
+        except json.JSONDecodeError:
+            options[k] = v
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.clean_size, options)))
+        return
+    from fipurify.io import atomic_write_text
+    from fipurify.metrics import format_table
+
+    rows = []
+    for attack in args.attacks:
+        for method in args.methods:
+            cmd = [sys.executable, __file__, "--worker", attack, method, "--clean-size", str(args.clean_size)]
+            for kv in args.set:
+                cmd += ["--set", kv]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"{attack}/{method} failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{attack:8s} {method:12s} ACC {100 * row['acc']:.2f}  ASR {100 * row['asr']:.2f}  "
+                  f"LCR {100 * row['lcr']:.2f}  {row['seconds']:.0f}s", file=sys.stderr)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(RESULTS / f"{args.out}.json", json.dumps({"options": options, "rows": rows}, indent=2))
+    table = format_table(rows, ["attack", "method", "acc", "asr", "lcr", "der", "seconds", "epoch_s", "peak_mb"])
+    atomic_write_text(RESULTS / f"{args.out}.md", table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
