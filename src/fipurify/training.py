@@ -5,7 +5,6 @@ a learning-rate schedule, a seed, a progress bar and per-epoch ACC / ASR.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .augment import random_crop_flip
 from .errors import ConfigError, DataError
+from .validation import check_optimisation
 from .metrics import evaluate
 
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
@@ -47,16 +47,9 @@ class TrainConfig:
     eval_every: int = 1
 
     def validate(self) -> "TrainConfig":
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_optimisation(self.epochs, self.lr, self.batch_size, self.momentum, self.weight_decay)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise ConfigError("momentum must lie in [0, 1) and weight_decay be >= 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,7 +11,6 @@ over one. A defense never sees test data. After ``purify`` the defense holds a
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, ClassVar
@@ -21,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
+from ..validation import check_optimisation
 
 #: a callback receives one per-epoch record (dict) while a defense runs
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -50,16 +50,9 @@ class DefenseConfig:
     grad_clip: float | None = None
 
     def validate(self) -> "DefenseConfig":
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_optimisation(self.epochs, self.lr, self.batch_size, self.momentum, self.weight_decay)
         if not 0 <= self.holdout < 0.5:
             raise ConfigError(f"holdout must lie in [0, 0.5), got {self.holdout}")
-        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise ConfigError("momentum must lie in [0, 1) and weight_decay be >= 0")
         if self.bn_mode not in ("train", "eval"):
             raise ConfigError(f"bn_mode must be 'train' or 'eval', got {self.bn_mode!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
