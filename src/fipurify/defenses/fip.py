@@ -49,7 +49,7 @@ class FIPConfig(DefenseConfig):
     eta_f: float = 1e-3
     eta_r: float = 5.0
     fisher_every: int = 10
-    estimator: str = "sampled"
+    estimator: str = "exact"
     fisher_sub_batch: int = 32
     fisher_normalize: str = "mean"
     anchor_update: str = "proximal"
