@@ -46,3 +46,24 @@ def test_cifar10_missing_data_root_is_clear(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FIPURIFY_CACHE", str(tmp_path / "cache"))
     assert main(["train", "--data-root", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "cifar" in capsys.readouterr().err.lower()
+
+
+def test_purify_writes_model_and_report(data_root, capsys):
+    model = data_root / "m.safetensors"
+    assert main(["train", "--dataset", "synthetic", "--width", "4", "--epochs", "1", "--batch-size", "32",
+                 "--reserve", "0.1", "--quiet", "--out", str(model)]) == 0
+    out = data_root / "p.safetensors"
+    rc = main(["purify", str(model), "--method", "ffip", "--clean-size", "40", "--epochs", "2",
+               "--set", "batch_size=16", "--quiet", "--out", str(out)])
+    assert rc == 0 and out.exists()
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["method"] == "ffip" and report["clean_size"] == 40 and len(report["history"]) == 2
+    assert set(report["before"]) >= {"acc", "asr", "lcr"} and set(report["after"]) >= {"acc", "asr", "lcr"}
+    from fipurify import load_model
+    purified, meta = load_model(out)
+    assert meta["purification"]["method"] == "ffip" and meta["attack"]["name"] == "badnets"
+    # too small a clean set: one readable line, no output
+    capsys.readouterr()
+    assert main(["purify", str(model), "--clean-size", "5", "--quiet", "--out", str(data_root / "q.safetensors")]) == 2
+    assert "at least 10" in capsys.readouterr().err
+    assert not (data_root / "q.safetensors").exists()
