@@ -81,21 +81,14 @@ def _default_mode(mode: int) -> int:
 
 
 def _write_npz(path: Path, images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> None:
-    """Write atomically: a temp file in the same folder, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # Uncompressed on purpose: loading then is a plain read, far faster than zlib.
-            np.savez(f, images=images, labels=np.asarray(labels, dtype=np.int64),
-                     classes=np.asarray(list(classes), dtype=str))
-        os.chmod(tmp, _default_mode(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write atomically (see :func:`fipurify.io.atomic_output`)."""
+    from ..io import atomic_output
+
+    with atomic_output(path) as f:
+        # Uncompressed on purpose: loading then is a plain read, far faster than zlib.
+        np.savez(f, images=images, labels=np.asarray(labels, dtype=np.int64),
+                 classes=np.asarray(list(classes), dtype=str))
+        os.chmod(f.name, _default_mode(0o666))
 
 
 def load_or_build(key: str, build: Callable[[], tuple[np.ndarray, Sequence[int] | np.ndarray,

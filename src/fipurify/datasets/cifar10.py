@@ -18,7 +18,6 @@ import lzma
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..io import atomic_output
 from .base import ArrayDataset
 from .cache import extract_once, file_digest, file_key, folder_key, load_or_build, verify_checksum
 from .imagefolder import read_image_folder
@@ -253,23 +253,15 @@ def download_cifar10(root: str | Path, timeout: float = 60.0) -> Path:
     target = root / ARCHIVE_NAME
     if target.is_file() and file_digest(target, "md5") == CIFAR10_MD5:
         return target
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=ARCHIVE_NAME + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as resp:
-                    while chunk := resp.read(1 << 20):
-                        out.write(chunk)
-            except OSError as exc:
-                raise DataError(f"cannot download {CIFAR10_URL}: {exc}") from exc
-        verify_checksum(tmp, CIFAR10_MD5, "md5")
-        os.replace(tmp, target)
-    except BaseException:
+    with atomic_output(target, suffix=".part") as out:
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+            with urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as resp:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+        except OSError as exc:
+            raise DataError(f"cannot download {CIFAR10_URL}: {exc}") from exc
+        out.flush()
+        verify_checksum(out.name, CIFAR10_MD5, "md5")
     return target
 
 

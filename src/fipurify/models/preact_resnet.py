@@ -17,15 +17,17 @@ from .normalize import make_normalize
 
 
 class PreActBlock(nn.Module):
-    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 with an identity (or 1x1 conv) shortcut taken after the first BN-ReLU."""
+    """BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3 with an identity (or 1x1 conv) shortcut taken after the
+    first BN-ReLU. Dropout (0 by default) is the wide-ResNet variant of the block."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.relu1 = nn.ReLU()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu2 = nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         # The projection shortcut has no BN of its own: it sees the already normalised activation.
         self.shortcut: nn.Module | None = None
@@ -36,7 +38,7 @@ class PreActBlock(nn.Module):
         out = self.relu1(self.bn1(x))
         skip = x if self.shortcut is None else self.shortcut(out)
         out = self.conv1(out)
-        out = self.conv2(self.relu2(self.bn2(out)))
+        out = self.conv2(self.dropout(self.relu2(self.bn2(out))))
         return out + skip
 
 

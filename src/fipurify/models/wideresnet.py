@@ -13,30 +13,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .normalize import make_normalize
-
-
-class WideBlock(nn.Module):
-    """BN-ReLU-conv3x3-BN-ReLU-dropout-conv3x3 with identity or 1x1 conv shortcut (pre-activation)."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.relu1 = nn.ReLU()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu2 = nn.ReLU()
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(x))
-        skip = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(self.dropout(self.relu2(self.bn2(out))))
-        return out + skip
+from .preact_resnet import PreActBlock
 
 
 class WideResNet(nn.Module):
@@ -71,7 +48,7 @@ class WideResNet(nn.Module):
         for i, planes in enumerate([16 * widen_factor, 32 * widen_factor, 64 * widen_factor]):
             blocks = []
             for j in range(n):
-                blocks.append(WideBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1, dropout))
+                blocks.append(PreActBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1, dropout))
                 in_planes = planes
             groups.append(nn.Sequential(*blocks))
         self.block1, self.block2, self.block3 = groups
