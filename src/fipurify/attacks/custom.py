@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .base import Attack
-from .triggers import BlendTrigger, PatchTrigger, Position
+from .triggers import BlendTrigger, PatchTrigger, Position, _as_pattern
 
 STYLES = ("paste", "blend")
 
@@ -42,23 +42,7 @@ def _array_to_chw(arr: np.ndarray, what: str) -> torch.Tensor:
         arr = np.moveaxis(arr, -1, 0)
     elif arr.ndim != 2:
         raise DataError(f"{what} array must be H x W or H x W x C with C in 1, 3, 4, got shape {arr.shape}")
-    return _scale(torch.from_numpy(np.array(arr, copy=True)), what)
-
-
-def _scale(t: torch.Tensor, what: str) -> torch.Tensor:
-    if t.dtype == torch.uint8:
-        t = t.float().div(255.0)
-    elif t.dtype == torch.bool:
-        t = t.float()
-    t = t.to(torch.float32)
-    if t.ndim == 2:
-        t = t.unsqueeze(0)
-    if t.ndim != 3 or min(t.shape) == 0:
-        raise DataError(f"{what} must be C x H x W or H x W, got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
-        raise DataError(f"{what} values must lie in [0, 1] (uint8 is scaled by 1/255), "
-                        f"got [{t.min().item():.3g}, {t.max().item():.3g}]")
-    return t.contiguous()
+    return _as_pattern(torch.from_numpy(np.array(arr, copy=True)), what, DataError)
 
 
 def load_pattern(source: Any, what: str = "trigger pattern") -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -77,9 +61,9 @@ def load_pattern(source: Any, what: str = "trigger pattern") -> tuple[torch.Tens
     if isinstance(source, np.ndarray):
         return _array_to_chw(source, what), None
     if isinstance(source, torch.Tensor):
-        return _scale(source.detach().cpu(), what), None
+        return _as_pattern(source, what, DataError), None
     if isinstance(source, (list, tuple)):
-        return _scale(torch.as_tensor(np.asarray(source, dtype=np.float64)), what), None
+        return _as_pattern(np.asarray(source, dtype=np.float64), what, DataError), None
     raise ConfigError(f"{what} must be a file path, numpy array, tensor or nested list, "
                       f"got {type(source).__name__}")
 

@@ -27,18 +27,23 @@ NAMED_POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "cent
 
 
 # --------------------------------------------------------------------------- helpers
-def _as_pattern(value: Any, what: str) -> torch.Tensor:
-    """A float32 C x h x w tensor in [0, 1] from a tensor, array or nested list (h x w allowed)."""
+def _as_pattern(value: Any, what: str, error: type[Exception] = ConfigError) -> torch.Tensor:
+    """A float32 C x h x w tensor in [0, 1] from a tensor, array or nested list (h x w allowed).
+
+    uint8 input is scaled by 1/255 like the datasets do; ``error`` is the exception class
+    raised for a bad shape or range (ConfigError for options, DataError for loaded files).
+    """
     t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-    if t.dtype == torch.uint8:  # image bytes: scale like the datasets do
+    if t.dtype == torch.uint8:
         t = t.float().div(255.0)
     t = t.to(torch.float32)
     if t.ndim == 2:
         t = t.unsqueeze(0)
     if t.ndim != 3 or min(t.shape) == 0:
-        raise ConfigError(f"{what} must have shape C x h x w or h x w, got {tuple(t.shape)}")
+        raise error(f"{what} must have shape C x h x w or h x w, got {tuple(t.shape)}")
     if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
-        raise ConfigError(f"{what} values must lie in [0, 1] (uint8 input is scaled by 1/255)")
+        raise error(f"{what} values must lie in [0, 1] (uint8 input is scaled by 1/255), "
+                    f"got [{t.min().item():.3g}, {t.max().item():.3g}]")
     return t.contiguous()
 
 
