@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import lzma
-import os
 import pickle
 import tarfile
 import urllib.request

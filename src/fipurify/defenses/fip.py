@@ -25,8 +25,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn

@@ -5,7 +5,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import Defense
-from .fip import FIP, FIPConfig
+from .fip import FIP
 
 # The paper's per-dataset FIP settings (appendix A.3.2): clean-set share, epochs, schedule.
 PAPER_PRESETS: dict[str, dict[str, Any]] = {
