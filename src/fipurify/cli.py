@@ -110,7 +110,7 @@ def cmd_purify(args) -> int:
     from . import defenses
     from .io import atomic_write_text, load_model, save_model
     from .metrics import defense_effectiveness_rate, format_table
-    from .workflow import evaluate_saved
+    from .workflow import evaluate_saved, reload_test_only
 
     model, meta = load_model(args.model)
     options = _parse_options(args.set)
@@ -131,8 +131,9 @@ def cmd_purify(args) -> int:
     purified = defense.purify(model, clean, progress=_progress(args), callback=None if args.quiet else log)
     report = {"model": str(args.model), "clean_size": len(clean), **defense.report}
     if not args.no_eval and meta.get("dataset"):
-        before = evaluate_saved(model, meta, args.data_root)
-        after = evaluate_saved(purified, meta, args.data_root)
+        test_data = reload_test_only(meta, args.data_root)  # load the test set once for both
+        before = evaluate_saved(model, meta, bundle=test_data)
+        after = evaluate_saved(purified, meta, bundle=test_data)
         report["before"], report["after"] = before, after
         rows = [{"model": "before", **before}, {"model": "after", **after}]
         if before["asr"] is not None:
