@@ -6,12 +6,17 @@ line on stderr and exit status 2; outputs are written atomically or not at all.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import FipurifyError
+
+#: Modules adding sub-commands: each has ``register(subparsers)`` which adds its parsers
+#: with ``set_defaults(func=...)``; the function returns the exit status.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -264,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 
