@@ -112,3 +112,27 @@ def test_nan_loss_stops_with_a_message():
     model, data = _model_and_data()
     with pytest.raises(defenses.PurificationDiverged, match="lower lr"):
         defenses.create("ft", epochs=1, batch_size=16).purify(model, _NaNAfterFirst(data), progress=False)
+
+
+def _purify_and_evaluate(tiny_backdoor, method: str, **opts):
+    from fipurify.metrics import evaluate
+    purified = defenses.create(method, epochs=20, augment=False, **opts).purify(
+        tiny_backdoor["model"], tiny_backdoor["reserve"], progress=False)
+    return evaluate(purified, tiny_backdoor["test"], tiny_backdoor["backdoor_test"])
+
+
+def test_ffip_keeps_clean_accuracy_on_a_tiny_backdoored_model(tiny_backdoor):
+    before = tiny_backdoor["history"][-1]
+    after = _purify_and_evaluate(tiny_backdoor, "ffip")
+    assert before["asr"] >= 0.9
+    assert after["acc"] >= before["acc"] - 0.10
+
+
+@pytest.mark.xfail(strict=True, reason="negative finding: with the paper's objective and settings f-FIP does not "
+                   "remove the backdoor at small scale (docs/fip-calibration.md); strict, so a fix shows up")
+def test_ffip_removes_the_backdoor_of_a_tiny_model(tiny_backdoor):
+    # The end-to-end target: ASR from >= 90 % to <= 20 % with ACC drop <= 10 points.
+    before = tiny_backdoor["history"][-1]
+    after = _purify_and_evaluate(tiny_backdoor, "ffip")
+    assert before["asr"] >= 0.9
+    assert after["asr"] <= 0.2 and after["acc"] >= before["acc"] - 0.10
