@@ -351,3 +351,12 @@ def test_custom_errors(tmp_path):
     big = CustomAttack(np.ones((20, 20), dtype=np.uint8) * 255)
     with pytest.raises(DataError, match="does not fit"):
         big.apply_trigger(torch.zeros(3, 8, 8))
+
+
+def test_custom_attack_refuses_non_numeric_options():
+    from fipurify import attacks
+    from fipurify.errors import ConfigError
+    with pytest.raises(ConfigError, match="alpha"):
+        attacks.create("custom", pattern=[[1.0, 0.0], [0.0, 1.0]], alpha="abc")
+    with pytest.raises(ConfigError, match="margin"):
+        attacks.create("custom", pattern=[[1.0, 0.0], [0.0, 1.0]], margin="x")

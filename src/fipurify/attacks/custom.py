@@ -119,7 +119,12 @@ class CustomAttack(Attack):
         m = load_mask(mask) if mask is not None else alpha_mask
         self.pattern_source = serialise_source(pattern)
         self.mask_source = serialise_source(mask)
-        self.style, self.alpha, self.margin = style, float(alpha), int(margin)
+        try:
+            alpha, margin = float(alpha), int(margin)
+        except (TypeError, ValueError):
+            raise ConfigError(f"custom trigger alpha must be a number and margin an integer, "
+                              f"got alpha={alpha!r}, margin={margin!r}") from None
+        self.style, self.alpha, self.margin = style, alpha, margin
         self.position = position
         if style == "paste":
             self.trigger = PatchTrigger(pat, "bottom-right" if position is None else position, m, margin)
