@@ -69,3 +69,16 @@ def test_save_is_atomic_and_needs_json_metadata(tmp_path):
     fipurify.save_model(m, tmp_path / "m.safetensors", {"ok": [1, 2]})
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
     assert json.loads(json.dumps(fipurify.load_model(tmp_path / "m.safetensors")[1]["ok"])) == [1, 2]
+
+
+def test_atomic_output_gives_the_usual_file_mode(tmp_path):
+    import os
+    import stat
+
+    from fipurify.io import atomic_write_text
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "report.html", "<p>hi</p>")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
