@@ -1,7 +1,13 @@
 """Purification table on the CPU CIFAR-10 preset: ASR, ACC, LCR, DER, wall time, peak memory.
 
     python benchmarks/purify_table.py [--attacks badnets blend trojan sig]
-        [--methods none ft fip ffip ffip-no-trf ffip-no-lr] [--clean-size 500] [--set KEY=VALUE ...]
+        [--methods none ft fip ffip ffip-no-trf ffip-no-lr | all] [--clean-size 500] [--set KEY=VALUE ...]
+        [--resume] [--chart] [--out NAME]
+
+``--methods all`` runs no defense and every registered post-training method (the
+baselines and f-FIP). ``--resume`` keeps the rows already in results/NAME.json and runs
+only the missing (attack, method) pairs. ``--chart`` also draws the mean wall time per
+method as a bar chart (the paper's Figure 4) to results/NAME_runtime.png.
 
 Uses the models cached by benchmarks/train_attacks.py. Every method gets the same 500
 clean images (seed 0) from the model's clean reserve; hyper-parameters are the library
@@ -65,6 +71,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--worker", nargs=2, metavar=("ATTACK", "METHOD"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default="purify_table")
+    ap.add_argument("--resume", action="store_true", help="keep finished rows of results/OUT.json")
+    ap.add_argument("--chart", action="store_true", help="also draw results/OUT_runtime.png")
     args = ap.parse_args()
     options = {}
     for kv in args.set:
@@ -76,12 +84,20 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(*args.worker, args.clean_size, options)))
         return
+    from fipurify.defenses import available
     from fipurify.io import atomic_write_text
     from fipurify.metrics import format_table
 
+    methods = ["none"] + available() if args.methods == ["all"] else args.methods
     rows = []
+    done: set[tuple[str, str]] = set()
+    if args.resume and (RESULTS / f"{args.out}.json").exists():
+        rows = json.loads((RESULTS / f"{args.out}.json").read_text())["rows"]
+        done = {(r["attack"], r["method"]) for r in rows}
     for attack in args.attacks:
-        for method in args.methods:
+        for method in methods:
+            if (attack, method) in done:
+                continue
             cmd = [sys.executable, __file__, "--worker", attack, method, "--clean-size", str(args.clean_size)]
             for kv in args.set:
                 cmd += ["--set", kv]
@@ -98,6 +114,32 @@ def main() -> None:
     table = format_table(rows, ["attack", "method", "acc", "asr", "lcr", "der", "seconds", "epoch_s", "peak_mb"])
     atomic_write_text(RESULTS / f"{args.out}.md", table + "\n")
     print(table)
+    if args.chart:
+        runtime_chart(rows, RESULTS / f"{args.out}_runtime.png")
+
+
+def runtime_chart(rows: list[dict], path) -> None:
+    """Mean purification wall time per method over the attacks, as a horizontal bar chart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fipurify.io import atomic_output
+
+    times: dict[str, list[float]] = {}
+    for r in rows:
+        if r["method"] != "none":
+            times.setdefault(r["method"], []).append(r["seconds"])
+    names = sorted(times, key=lambda m: sum(times[m]) / len(times[m]))
+    means = [sum(times[m]) / len(times[m]) for m in names]
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1))
+    ax.barh(names, means, color=["tab:red" if m == "ffip" else "tab:gray" for m in names])
+    ax.set_xlabel("purification wall time, s (mean over attacks)")
+    ax.set_title("Runtime per defense (CPU preset, 500 clean images)")
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

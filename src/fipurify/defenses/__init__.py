@@ -1,10 +1,25 @@
 """Backdoor purification methods behind one interface: ``create(name, ...).purify(model, clean_data)``."""
 from .base import Defense, DefenseConfig, as_dataset, check_clean_set
 from .fip import FIP, FIPConfig
+from .anp import ANP, ANPConfig
+from .clp import CLP, CLPConfig
+from .fineprune import FinePruning, FinePruningConfig
+from .ftsam import FTSAM, FTSAMConfig
+from .mcr import MCR, MCRConfig
+from .nad import NAD, NADConfig
+from .awm import AWM, AWMConfig
+from .ibau import IBAU, IBAUConfig
+from .rnp import RNP, RNPConfig
 from .loop import PurificationDiverged, finetune
 from .registry import METHODS, PAPER_PRESETS, available, create, preset
+from .training_time import (TrainingDefense, TrainingDefenseConfig, available_training_defenses,
+                            create_training_defense)
 
-__all__ = ["Defense", "DefenseConfig", "FIP", "FIPConfig", "METHODS", "PAPER_PRESETS", "PurificationDiverged",
+__all__ = ["AWM", "AWMConfig", "IBAU", "IBAUConfig", "RNP", "RNPConfig", "TrainingDefense",
+           "TrainingDefenseConfig", "available_training_defenses", "create_training_defense",
+           "ANP", "ANPConfig", "CLP", "CLPConfig", "FTSAM", "FTSAMConfig", "FinePruning", "FinePruningConfig",
+           "MCR", "MCRConfig", "NAD", "NADConfig",
+           "Defense", "DefenseConfig", "FIP", "FIPConfig", "METHODS", "PAPER_PRESETS", "PurificationDiverged",
            "as_dataset", "available", "check_clean_set", "create", "finetune", "preset", "purify"]
 
 

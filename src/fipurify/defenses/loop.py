@@ -22,6 +22,11 @@ from .base import DefenseConfig, EpochCallback
 
 #: extra(model, x, y, step) -> {name: scalar tensor}; the terms are added to the CE loss
 PenaltyFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]]
+#: objective(model, x, y, step) -> {name: scalar tensor}; replaces the default {"ce": CE} terms
+ObjectiveFn = PenaltyFn
+#: step(model, x, y, step) -> {name: scalar tensor}: one whole update on a batch (its own forward passes,
+#: backward and optimizer step, e.g. SAM's two passes); the returned terms are only checked and logged
+StepFn = PenaltyFn
 
 
 class PurificationDiverged(FipurifyError):
@@ -39,10 +44,20 @@ def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Datase
              holdout: Dataset | None = None, penalty: PenaltyFn | None = None,
              optimizer: torch.optim.Optimizer | None = None, post_step: Callable[[float], None] | None = None,
              progress: bool = True,
-             callback: EpochCallback | None = None, desc: str = "purify") -> list[dict[str, Any]]:
+             callback: EpochCallback | None = None, desc: str = "purify",
+             objective: ObjectiveFn | None = None, epoch_start: Callable[[int], None] | None = None,
+             stop: Callable[[dict[str, Any]], bool] | None = None, step_fn: StepFn | None = None,
+             scheduler: Callable[[torch.optim.Optimizer], Any] | None = None) -> list[dict[str, Any]]:
     """Minimise CE (+ ``penalty`` terms) over ``params`` for ``cfg.epochs`` epochs, in place.
 
     ``post_step(lr)`` runs after every optimizer step (e.g. a proximal update).
+    ``objective`` replaces the CE term (e.g. gradient ascent or a weighted loss);
+    ``epoch_start(epoch)`` runs before each epoch (the loop then sets the train/BN mode);
+    ``stop(record)`` runs after each epoch, before ``callback``; True ends training early.
+    ``step_fn`` performs the whole update of a batch itself (the loop then neither backpropagates
+    nor steps; pass its base optimizer as ``optimizer`` for the schedule and the logged lr).
+    ``scheduler(optimizer)`` builds the per-epoch LR schedule (default: MultiStepLR on
+    ``cfg.milestones`` and ``cfg.gamma``).
     Returns one record per epoch: mean of every loss term, holdout clean accuracy,
     learning rate and seconds.
     """
@@ -54,12 +69,15 @@ def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Datase
     loader = DataLoader(train_set, batch_size=min(cfg.batch_size, len(train_set)), shuffle=True,
                         generator=gen)
     opt = optimizer or torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [m for m in cfg.milestones], cfg.gamma)
+    sched = scheduler(opt) if scheduler is not None \
+        else torch.optim.lr_scheduler.MultiStepLR(opt, [m for m in cfg.milestones], cfg.gamma)
     history: list[dict[str, Any]] = []
     step = 0
     bar = tqdm(total=cfg.epochs * len(loader), desc=desc, disable=not progress, unit="it", leave=False)
     try:
         for epoch in range(1, cfg.epochs + 1):
+            if epoch_start is not None:
+                epoch_start(epoch)
             model.train()
             if cfg.bn_mode == "eval":
                 set_bn_eval(model)
@@ -70,20 +88,25 @@ def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Datase
                 x, y = x.to(device), y.to(device)
                 if cfg.augment:
                     x = random_crop_flip(x, 4, cfg.flip, generator=gen)
-                terms = {"ce": F.cross_entropy(model(x), y)}
-                if penalty is not None:
-                    terms.update(penalty(model, x, y, step))
+                if step_fn is not None:
+                    terms = {k: v.detach() for k, v in step_fn(model, x, y, step).items()}
+                else:
+                    terms = objective(model, x, y, step) if objective is not None \
+                        else {"ce": F.cross_entropy(model(x), y)}
+                    if penalty is not None:
+                        terms.update(penalty(model, x, y, step))
                 loss = sum(terms.values())
                 if not torch.isfinite(loss):
                     raise PurificationDiverged(
                         f"the loss became {loss.item()} at epoch {epoch} (terms: "
                         + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
                         + "); lower lr or the penalty weights")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                if step_fn is None:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
                 if post_step is not None:
                     post_step(opt.param_groups[0]["lr"])
                 for k, v in terms.items():
@@ -91,7 +114,8 @@ def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Datase
                     counts[k] = counts.get(k, 0) + 1
                 step += 1
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, ce=f"{terms['ce'].item():.3f}")
+                first = next(iter(terms))
+                bar.set_postfix(epoch=epoch, **{first: f"{terms[first].item():.3f}"})
             sched.step()
             rec: dict[str, Any] = {"epoch": epoch, **{k: sums[k] / counts[k] for k in sums},
                                    "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
@@ -99,8 +123,11 @@ def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Datase
                 preds, labels = predict(model, holdout)
                 rec["holdout_acc"] = accuracy(preds, labels)
             history.append(rec)
-            if callback is not None:
-                callback(rec)
+            done = stop is not None and stop(rec)
+            if callback is not None:  # a callback with needs_model (e.g. a smoothness tracker) gets the model too
+                callback(rec, model) if getattr(callback, "needs_model", False) else callback(rec)
+            if done:
+                break
     finally:
         bar.close()
     model.eval()

@@ -6,6 +6,15 @@ from typing import Any
 from ..errors import ConfigError
 from .base import Defense
 from .fip import FIP
+from .awm import AWM
+from .ibau import IBAU
+from .rnp import RNP
+from .anp import ANP
+from .clp import CLP
+from .fineprune import FinePruning
+from .ftsam import FTSAM
+from .mcr import MCR
+from .nad import NAD
 
 # The paper's per-dataset FIP settings (appendix A.3.2): clean-set share, epochs, schedule.
 PAPER_PRESETS: dict[str, dict[str, Any]] = {
@@ -23,6 +32,16 @@ METHODS: dict[str, tuple[type[Defense], dict[str, Any]]] = {
     "ffip-no-trf": (FIP, {"space": "spectral", "eta_f": 0.0}),
     "ffip-no-lr": (FIP, {"space": "spectral", "eta_r": 0.0}),
     "ft": (FIP, {"space": "weights", "eta_f": 0.0, "eta_r": 0.0}),
+    "i-bau": (IBAU, IBAU.paper_schedule()),
+    "awm": (AWM, AWM.paper_schedule()),
+    "rnp": (RNP, RNP.paper_schedule()),
+    # baselines keep their own papers' schedules (a dataset preset holds FIP's)
+    "ft-sam": (FTSAM, FTSAM.paper_schedule()),
+    "fp": (FinePruning, FinePruning.paper_schedule()),
+    "nad": (NAD, NAD.paper_schedule()),
+    "mcr": (MCR, MCR.paper_schedule()),
+    "clp": (CLP, CLP.paper_schedule()),
+    "anp": (ANP, ANP.paper_schedule()),
 }
 
 
@@ -40,14 +59,19 @@ def preset(dataset: str) -> dict[str, Any]:
 
 
 def create(method: str = "ffip", dataset: str | None = None, **options: Any) -> Defense:
-    """A configured defense: method defaults, then the dataset's schedule, then ``options``."""
+    """A configured defense: the dataset's FIP schedule (FIP family only), method defaults, then ``options``.
+
+    ``dataset`` is validated for every method.
+    """
     key = method.lower()
     if key not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(available())}")
     cls, fixed = METHODS[key]
     merged: dict[str, Any] = {}
     if dataset is not None:
-        merged.update({k: v for k, v in preset(dataset).items() if k != "clean_fraction"})
+        schedule = {k: v for k, v in preset(dataset).items() if k != "clean_fraction"}
+        if cls is FIP:  # the presets are FIP's; baselines keep their own papers' schedules
+            merged.update(schedule)
     merged.update(fixed)
     merged.update(options)
     return cls(cls.config_class(), **merged)
