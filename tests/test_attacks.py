@@ -271,7 +271,7 @@ def test_target_errors(train):
 
 def test_registry_errors():
     with pytest.raises(ConfigError, match="badnets") as info:
-        create("wanet")
+        create("no-such-attack")
     assert "unknown attack" in str(info.value)
     with pytest.raises(ConfigError, match="unknown option"):
         create("badnets", alpha=0.3)

@@ -45,11 +45,21 @@ class TrainConfig:
     padding: int = 4
     seed: int = 0
     eval_every: int = 1
+    #: Adaptive attack (FIP paper eq. 5 / Table 14): weight eta_F of a Fisher-trace penalty
+    #: added to the loss, so the backdoored model settles in a flatter minimum; 0 = off.
+    smoothness_penalty: float = 0.0
+    #: Add the penalty every this many steps (it costs a double backward pass).
+    smoothness_interval: int = 1
 
     def validate(self) -> "TrainConfig":
         check_optimisation(self.epochs, self.lr, self.batch_size, self.momentum, self.weight_decay)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not float(self.smoothness_penalty) >= 0:
+            raise ConfigError(f"smoothness_penalty must be >= 0, got {self.smoothness_penalty}")
+        if isinstance(self.smoothness_interval, bool) or not isinstance(self.smoothness_interval, int) \
+                or self.smoothness_interval < 1:
+            raise ConfigError(f"smoothness_interval must be an integer >= 1, got {self.smoothness_interval!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,10 +80,30 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def _smoothness_term(model: nn.Module, logits: torch.Tensor, cfg: TrainConfig, step: int,
+                     generator: torch.Generator, loss: torch.Tensor) -> torch.Tensor:
+    """``loss + eta_F * Tr(F)`` on the penalty steps, else ``loss`` (the adaptive attack's objective).
+
+    Tr(F) is :func:`fipurify.defenses.fisher.fisher_trace`'s "sampled" estimate on this
+    batch's logits (labels drawn from the model, BatchNorm as in training).
+    """
+    if cfg.smoothness_penalty <= 0 or step % cfg.smoothness_interval:
+        return loss
+    from .defenses.fisher import fisher_trace  # imported late: defenses import this module
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss + cfg.smoothness_penalty * fisher_trace(model, None, params, "sampled", logits=logits,
+                                                        generator=generator)
+
+
 def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig | None = None, *,
                 clean_test: Dataset | None = None, backdoor_test: Dataset | None = None,
-                progress: bool = True, log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
+                progress: bool = True, log: Callable[[str], None] | None = print,
+                callback: Callable[..., None] | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place on ``train_set``; returns one record per epoch.
+
+    ``callback(record)`` runs after each epoch (``callback(record, model)`` when
+    ``callback.needs_model`` is true, e.g. a smoothness tracker).
 
     When ``clean_test`` (and ``backdoor_test``) are given, ACC (and ASR) are measured
     every ``eval_every`` epochs and at the end; they never influence training.
@@ -89,6 +119,7 @@ def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig | None
                           weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     sched = make_scheduler(opt, cfg, len(loader))
     history: list[dict[str, Any]] = []
+    step, fisher_gen = 0, torch.Generator().manual_seed(cfg.seed + 104729)  # own stream: same batches with or without
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -106,7 +137,8 @@ def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig | None
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}; lower the lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            _smoothness_term(model, out, cfg, step, fisher_gen, loss).backward()
+            step += 1
             opt.step()
             sched.step()
             loss_sum += loss.item() * len(y)
@@ -118,6 +150,8 @@ def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig | None
         if clean_test is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             rec.update({k: v for k, v in evaluate(model, clean_test, backdoor_test).items() if k in ("acc", "asr", "lcr")})
         history.append(rec)
+        if callback is not None:
+            callback(rec, model) if getattr(callback, "needs_model", False) else callback(rec)
         if log:
             msg = f"epoch {epoch:3d}  loss {rec['loss']:.4f}  train-acc {100 * rec['train_acc']:.2f}"
             if "acc" in rec:

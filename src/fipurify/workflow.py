@@ -5,6 +5,7 @@ backdoored model and its clean reserve are made.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,18 +84,44 @@ def build_model(arch: str, bundle: DataBundle, width: int | None = None, seed: i
 
 def train_backdoored(bundle: DataBundle, arch: str, attack: attacks.Attack | None,
                      config: TrainConfig, width: int | None = None, progress: bool = True,
-                     log=print, **arch_kw) -> tuple[nn.Module, dict[str, Any]]:
-    """Train a clean (``attack=None``) or backdoored model; returns it with its metadata."""
+                     log=print, defense=None, device: str | torch.device | None = None,
+                     **arch_kw) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a clean (``attack=None``) or backdoored model; returns it with its metadata.
+
+    With ``defense`` (a :class:`~fipurify.defenses.training_time.TrainingDefense`) the model
+    is trained through it on the poisoned set (its own schedule; ``config`` gives the seed);
+    its report goes into the metadata as ``training_defense``. ``device`` places the model
+    (default: the CPU).
+
+    Attacks with ``needs_preparation`` (learned triggers) are prepared first on the
+    training part (never the clean reserve); their spec in the metadata names the files
+    they saved, and is checked to rebuild, so the backdoor test set can be rebuilt later.
+    """
     model = build_model(arch, bundle, width, config.seed, **arch_kw)
+    if device is not None:  # e.g. "cuda"; data stay on the CPU and move batch by batch
+        model = model.to(device)
+    if attack is not None and getattr(attack, "needs_preparation", False):
+        if log:
+            log(f"preparing the {attack.name} attack (learned parts are cached after the first run)")
+        attack.prepare(bundle.train, device=next(model.parameters()).device, progress=progress)
+        attacks.from_spec(json.loads(json.dumps(attack.to_spec())))  # fails now, not at evaluation time
     train_set = attack.poison(bundle.train) if attack is not None else bundle.train
     backdoor_test = attack.backdoor_test_set(bundle.test) if attack is not None else None
-    history = train_model(model, train_set, config, clean_test=bundle.test, backdoor_test=backdoor_test,
-                          progress=progress, log=log)
+    if defense is not None:
+        from .defenses.training_time import format_record
+        model = defense.train(model, train_set, progress=progress,
+                              callback=(lambda rec: log(format_record(rec))) if log else None)
+        history = defense.report.get("history", [])
+    else:
+        history = train_model(model, train_set, config, clean_test=bundle.test, backdoor_test=backdoor_test,
+                              progress=progress, log=log)
     final = evaluate(model, bundle.test, backdoor_test)
     meta = {"fipurify_version": __version__, "dataset": bundle.dataset_info,
             "clean_reserve": bundle.reserve_info, "attack": attack.to_spec() if attack else None,
             "train_config": config.to_dict(), "seed": config.seed, "history": history,
             "metrics": {k: final[k] for k in ("acc", "asr", "lcr")}}
+    if defense is not None:
+        meta["training_defense"] = {k: v for k, v in defense.report.items() if k != "history"}
     return model, meta
 
 

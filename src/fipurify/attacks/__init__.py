@@ -6,6 +6,10 @@
 Names: ``badnets``, ``blend`` (alias ``blended``), ``trojan`` (aliases ``troj-one`` and
 ``troj-all`` fix ``mode``), ``sig``, ``custom``. ``attack.to_spec()`` is JSON-ready and
 :func:`from_spec` rebuilds the same attack.
+
+Learned-trigger attacks ``dynamic`` (aliases ``dyn-one`` / ``dyn-all``), ``lira``,
+``issba`` and ``fba`` train a generator in ``attack.prepare(train_set)`` (cached under
+``$FIPURIFY_CACHE/attacks/``; see :mod:`fipurify.attacks.generative`).
 """
 from __future__ import annotations
 
@@ -20,6 +24,15 @@ from .custom import CustomAttack, load_pattern
 from .sig import SIG
 from .triggers import BlendTrigger, PatchTrigger, SinusoidalTrigger, Trigger, trigger_from_spec
 from .trojan import Trojan
+from .dynamic import Dynamic
+from .fba import FBA
+from .issba import ISSBA
+from .lira import LIRA
+from .bppa import BPPA
+from .cba import CBA
+from .clb import CLB
+from .combined import Combined
+from .wanet import WaNet
 
 #: Canonical name -> attack class.
 ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blend, Trojan, SIG, CustomAttack)}
@@ -30,6 +43,11 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "troj-one": ("trojan", {"mode": "all2one"}),
     "troj-all": ("trojan", {"mode": "all2all"}),
 }
+# Generator-based attacks (their trigger is trained by attack.prepare; see attacks.generative).
+ATTACKS.update({cls.name: cls for cls in (Dynamic, LIRA, ISSBA, FBA)})
+ALIASES.update({"dyn-one": ("dynamic", {"mode": "all2one"}), "dyn-all": ("dynamic", {"mode": "all2all"})})
+# Warping, mixing, clean-label adversarial, quantisation and combined attacks (issue 5, part C).
+ATTACKS.update({cls.name: cls for cls in (WaNet, CBA, CLB, BPPA, Combined)})
 
 
 def available() -> list[str]:

@@ -192,6 +192,8 @@ class Attack:
     name = "attack"
     clean_label = False
     default_poison_rate = 0.1
+    #: True for attacks that need auxiliary models or generators (see :meth:`prepare`).
+    needs_preparation = False
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",
                  seed: int = 0, num_classes: int | None = None):
@@ -257,6 +259,18 @@ class Attack:
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         """Triggered copy of ``x`` (C x H x W or N x C x H x W, floats in [0, 1])."""
         return self.trigger.apply(x)
+
+    # -- preparation --------------------------------------------------------------------
+    def prepare(self, train_set: Any, *, cache_dir: Any = None, device: Any = "cpu",
+                progress: bool = False) -> None:
+        """Build what the attack needs before poisoning (auxiliary models, generators).
+
+        Attacks with ``needs_preparation = True`` override this: they train on the clean
+        ``train_set`` (on ``device``), save their files under ``cache_dir`` (default: the
+        fipurify cache's ``attacks/`` folder) and record them in :meth:`to_spec`. The base
+        attack needs nothing: this does nothing.
+        """
+        return None
 
     # -- datasets -----------------------------------------------------------------------
     def eligible(self, labels: np.ndarray) -> np.ndarray:
