@@ -16,7 +16,7 @@ from .errors import FipurifyError
 
 #: Modules adding sub-commands: each has ``register(subparsers)`` which adds its parsers
 #: with ``set_defaults(func=...)``; the function returns the exit status.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("fipurify.bench.commands", "fipurify.analysis.commands")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -49,26 +49,43 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
                       weight_decay=args.weight_decay, seed=args.seed, flip=not args.no_flip,
-                      eval_every=args.eval_every).validate()
+                      eval_every=args.eval_every, smoothness_penalty=args.smoothness_penalty).validate()
     models.canonical_name(args.arch)  # fail on a bad name before loading any data
     attack = None
     if args.attack != "none":
         attack = attacks.create(args.attack, target=args.target, poison_rate=args.poison_rate,
-                                mode=args.mode, seed=args.seed, **_parse_attack_kv(args.attack_opt))
+                                seed=args.seed, **({"mode": args.mode} if args.mode else {}),
+                                **_parse_attack_kv(args.attack_opt))
+    defense = _training_defense(args)
     bundle = load_data(args.dataset, args.data_root, _reserve(args.reserve), args.seed, args.train_limit)
     if attack is not None and not 0 <= args.target < bundle.dataset_info["num_classes"]:
         raise FipurifyError(f"target label {args.target} is out of range for "
                             f"{bundle.dataset_info['num_classes']} classes")
     print(f"training {args.arch} on {bundle.dataset_info['name']}: {len(bundle.train)} training images, "
-          f"{len(bundle.reserve)} held out as clean reserve, attack: {args.attack}", file=sys.stderr)
+          f"{len(bundle.reserve)} held out as clean reserve, attack: {args.attack}"
+          + (f", training-time defense: {args.defense}" if defense is not None else ""), file=sys.stderr)
     model, meta = train_backdoored(bundle, args.arch, attack, cfg, width=args.width,
-                                   progress=_progress(args), log=lambda m: print(m, file=sys.stderr))
+                                   progress=_progress(args), log=lambda m: print(m, file=sys.stderr),
+                                   defense=defense)
     save_model(model, args.out, meta)
     m = meta["metrics"]
     print(f"saved {args.out}: ACC {100 * m['acc']:.2f}%" + (f", ASR {100 * m['asr']:.2f}%" if m["asr"] is not None else ""))
     if args.json:
         atomic_write_text(args.json, json.dumps(meta, indent=2))
     return 0
+
+
+def _training_defense(args):
+    """The training-time defense named by ``--defense`` (None for 'none'), built before any data loads."""
+    if args.defense.lower() == "none":
+        if args.defense_opt:
+            raise FipurifyError("--defense-opt needs --defense")
+        return None
+    from .defenses.training_time import create_training_defense
+    if getattr(args, "smoothness_penalty", 0.0):
+        raise FipurifyError("--smoothness-penalty cannot be combined with --defense")
+    options = {"seed": args.seed, "flip": not args.no_flip, **_parse_options(args.defense_opt)}
+    return create_training_defense(args.defense, **options)
 
 
 def _reserve(v: str) -> int | float:
@@ -212,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--attack", default="badnets", help="attack name, or 'none' for a clean model")
     t.add_argument("--target", type=int, default=0)
     t.add_argument("--poison-rate", type=float, default=None, help="share of eligible images poisoned (default: the attack's own, 0.1; SIG 0.8)")
-    t.add_argument("--mode", default="all2one", choices=["all2one", "all2all"])
+    t.add_argument("--mode", default=None, choices=["all2one", "all2all"],
+                   help="all2one (default) or all2all; aliases such as troj-all or dyn-all set it themselves")
     t.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="extra attack option (JSON value), repeatable")
     t.add_argument("--epochs", type=int, default=10)
@@ -224,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--reserve", default="0.1", help="clean reserve held out of training: count or fraction")
     t.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset of this size")
     t.add_argument("--eval-every", type=int, default=1)
+    t.add_argument("--defense", default="none",
+                   help="train through a training-time defense: abl or cbd (default none); it follows its own "
+                        "paper schedule, so --epochs/--lr/--batch-size/--weight-decay/--schedule do not apply: "
+                        "set its options with --defense-opt (e.g. isolation_epochs=, finetune_epochs=, "
+                        "unlearn_epochs= for abl; epochs=, backdoor_epochs=, mi_weight= for cbd)")
+    t.add_argument("--defense-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the training-time defense (JSON value), repeatable")
+    t.add_argument("--smoothness-penalty", type=float, default=0.0, metavar="ETA_F",
+                   help="adaptive attack: add ETA_F * Tr(F) to the training loss (paper eq. 5; default 0 = off)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="output .safetensors file")
     t.add_argument("--json", default=None, help="also write the metadata and history as JSON")
@@ -238,7 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("purify", help="remove a backdoor with f-FIP (default) or another method")
     u.add_argument("model")
-    u.add_argument("--method", default="ffip", help="ffip (default), fip, ft, ffip-no-trf, ffip-no-lr")
+    u.add_argument("--method", default="ffip",
+                   help="ffip (default), fip, ft, ffip-no-trf, ffip-no-lr; baselines with their papers' "
+                        "defaults: ft-sam (--set rho=, adaptive=), fp (acc_drop=, prune_ratio=, layer=), "
+                        "nad (betas=, layers=, teacher_epochs=), mcr (t=, ft_epochs=), clp (u=; data-free), "
+                        "anp (eps=, alpha=, threshold=), i-bau (fixed_point_steps=, pert_norm=), awm (alpha=, beta=), "
+                        "rnp (clean_threshold=, prune_threshold=)")
     u.add_argument("--clean-size", type=int, default=None,
                    help="clean images drawn from the model's clean reserve (default: the whole reserve)")
     u.add_argument("--clean-dir", default=None, help="use your own clean images: a folder of class/*.png")

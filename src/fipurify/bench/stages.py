@@ -1,0 +1,333 @@
+"""What one benchmark task does: train a backdoored model (cached), or purify one and measure it.
+
+Names resolve through the registries (:func:`fipurify.attacks.create`,
+:func:`fipurify.defenses.create`, the training-time defenses), so a newly registered
+attack or defense needs no change here. Used by :mod:`fipurify.bench.worker` in a
+fresh process per task.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import os
+import platform
+import resource
+import socket
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..errors import ConfigError, ModelFileError
+
+
+# --------------------------------------------------------------------------- environment
+def rss_mb() -> float:
+    """This process's resident memory now (MB); NaN where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def environment(device: str, threads: int | None) -> dict[str, Any]:
+    """Versions, host and device of this process, for the results row."""
+    import torch
+
+    from .. import __version__
+
+    dev = device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        dev = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return {"fipurify_version": __version__, "torch_version": torch.__version__,
+            "python_version": platform.python_version(), "host": socket.gethostname(), "device": dev,
+            "threads": threads if threads is not None else torch.get_num_threads()}
+
+
+def setup_torch(threads: int | None, deterministic: bool) -> None:
+    """Thread count and deterministic kernels, before any work (results must not depend on scheduling)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created); released when the block ends or the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- registries
+def _training_time():
+    """The training-time defenses module, or None when this version has none."""
+    try:
+        return importlib.import_module("fipurify.defenses.training_time")
+    except ModuleNotFoundError as e:
+        if e.name == "fipurify.defenses.training_time":
+            return None
+        raise
+
+
+def has_training_defense(name: str) -> bool:
+    """Whether ``name`` is a registered training-time defense (e.g. abl, cbd)."""
+    mod = _training_time()
+    return mod is not None and name.lower() in mod.available_training_defenses()
+
+
+def make_attack(cfg: dict[str, Any] | None, seed: int):
+    """The attack of a run config (None for a clean model), seeded with the run seed."""
+    from .. import attacks
+
+    if cfg is None:
+        return None
+    kw = dict(cfg.get("options") or {})
+    kw.setdefault("seed", seed)
+    if cfg.get("mode") is not None:
+        kw.setdefault("mode", cfg["mode"])
+    return attacks.create(cfg["name"], target=cfg.get("target", 0), poison_rate=cfg.get("poison_rate"), **kw)
+
+
+def make_train_config(training: dict[str, Any], seed: int):
+    """A TrainConfig from the spec's [training] table (any of its fields) and the run seed."""
+    from ..training import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    bad = sorted(set(training) - known)
+    if bad:
+        raise ConfigError(f"unknown [training] field(s) {', '.join(bad)}; TrainConfig has: {', '.join(sorted(known))}")
+    return TrainConfig(**{**training, "seed": seed}).validate()
+
+
+def make_defense(cfg: dict[str, Any], dataset: str, seed: int):
+    """A post-training defense from the registry, with the dataset's preset where one exists."""
+    from .. import defenses
+
+    opts = dict(cfg.get("options") or {})
+    opts.setdefault("seed", seed)
+    preset = dataset if dataset in defenses.PAPER_PRESETS else None
+    return defenses.create(cfg["name"], dataset=preset, **opts)
+
+
+def load_bundle(data: dict[str, Any], seed: int, root: str | None):
+    """Training part, clean reserve and test set of a run (the reserve split is seeded by the run)."""
+    from ..workflow import load_data
+
+    return load_data(data["name"], root, data.get("reserve", 0.1), seed, data.get("train_limit"),
+                     **(data.get("options") or {}))
+
+
+# --------------------------------------------------------------------------- model cache
+def model_path(cache: str | Path, model_cfg: dict[str, Any], model_key: str) -> Path:
+    """Where the model of ``model_cfg`` is cached: a readable name plus the content key."""
+    a = model_cfg.get("attack")
+    m = model_cfg["model"]
+    parts = [model_cfg["data"]["name"], a["name"] if a else "clean", f"{m['arch']}-w{m.get('width') or 'd'}",
+             f"e{model_cfg['training'].get('epochs', 'd')}", f"s{model_cfg['seed']}"]
+    if model_cfg.get("train_defense"):
+        parts.append(model_cfg["train_defense"]["name"])
+    name = "_".join(str(p).replace("/", "-") for p in parts)
+    return Path(cache) / f"{name}_{model_key[:12]}.safetensors"
+
+
+def cached_model_meta(path: Path, model_key: str) -> dict[str, Any] | None:
+    """The metadata of the cached model at ``path`` if it is the one ``model_key`` names, else None."""
+    from ..io import read_metadata
+
+    if not path.is_file():
+        return None
+    try:
+        meta = read_metadata(path)["metadata"]
+    except ModelFileError:
+        return None
+    return meta if (meta.get("bench") or {}).get("model_key") == model_key else None
+
+
+# --------------------------------------------------------------------------- training
+def _fit(bundle, arch: str, attack, train_cfg, width, device: str, train_defense: dict[str, Any] | None,
+         seed: int, log: Callable[[str], None], **arch_kw):
+    """Train through :func:`fipurify.workflow.train_backdoored`, the one definition of a backdoored model.
+
+    A training-time defense (``train_defense``) is built from the registry and passed on.
+    """
+    from ..workflow import train_backdoored
+
+    kw: dict[str, Any] = {"device": device}
+    if train_defense is not None:
+        kw["defense"] = _training_time().create_training_defense(
+            train_defense["name"], **{"seed": seed, **(train_defense.get("options") or {})})
+    return train_backdoored(bundle, arch, attack, train_cfg, width, progress=False, log=log, **kw, **arch_kw)
+
+
+def train(model_cfg: dict[str, Any], model_key: str, cache: str | Path, *, data_root: str | None = None,
+          device: str = "cpu", log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any], bool]:
+    """Train the model of ``model_cfg`` unless it is cached; returns ``(path, metadata, trained_now)``.
+
+    A lock file beside the model makes concurrent runners (sharing a cache folder) train
+    it once; the file is written atomically, so a killed run leaves no half model.
+    """
+    import torch
+
+    from ..io import save_model
+
+    path = model_path(cache, model_cfg, model_key)
+    with file_lock(path.with_name(path.name + ".lock")):
+        meta = cached_model_meta(path, model_key)
+        if meta is not None:
+            return path, meta, False
+        seed = int(model_cfg["seed"])
+        bundle = load_bundle(model_cfg["data"], seed, data_root)
+        attack = make_attack(model_cfg["attack"], seed)
+        n_classes = bundle.dataset_info["num_classes"]
+        if attack is not None and not 0 <= attack.target < n_classes:
+            raise ConfigError(f"attack target {attack.target} is out of range for {n_classes} classes")
+        cfg = make_train_config(model_cfg["training"], seed)
+        m = model_cfg["model"]
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        model, meta = _fit(bundle, m["arch"], attack, cfg, m.get("width"), device, model_cfg.get("train_defense"),
+                           seed, log, **(m.get("options") or {}))
+        seconds = time.perf_counter() - t0
+        epochs = [float(h["seconds"]) for h in meta["history"] if "seconds" in h]
+        meta["bench"] = {"model_key": model_key, "model_config": model_cfg, "train_seconds": seconds,
+                         "epoch_seconds": epochs, "peak_rss_mb": peak_rss_mb(),
+                         "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else None,
+                         **environment(device, None)}
+        save_model(model.cpu(), path, meta)
+        return path, meta, True
+
+
+# --------------------------------------------------------------------------- purification
+def _reported_seconds(secs: Any, wall: float) -> float:
+    """The defense's own total time when it reports one (it may exclude set-up it does not count), else wall time."""
+    if isinstance(secs, dict) and isinstance(secs.get("total"), (int, float)):
+        return float(secs["total"])
+    if isinstance(secs, (int, float)) and not isinstance(secs, bool):
+        return float(secs)
+    return wall
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def model_row(meta: dict[str, Any]) -> dict[str, Any]:
+    """Result fields that come from the backdoored model itself (its metrics and training cost)."""
+    b = meta.get("bench") or {}
+    m = meta.get("metrics") or {}
+    return {"acc_before": m.get("acc"), "asr_before": m.get("asr"), "lcr_before": m.get("lcr"),
+            "train_seconds": b.get("train_seconds"), "train_epoch_seconds": _mean(b.get("epoch_seconds") or [])}
+
+
+def purify(run_config: dict[str, Any], path: Path, *, data_root: str | None = None,
+           device: str = "cpu") -> dict[str, Any]:
+    """Purify the cached model at ``path`` as ``run_config`` says; returns the result fields.
+
+    The clean set is drawn from the model's own clean reserve (never trained on), seeded
+    by the run; the test set and attack come from the model's metadata.
+    """
+    import torch
+
+    from ..datasets import draw_clean_subset
+    from ..io import load_model
+    from ..metrics import defense_effectiveness_rate
+    from ..workflow import evaluate_saved, reload_data
+
+    model, meta = load_model(path)
+    seed = int(run_config["seed"])
+    bundle = reload_data(meta, data_root)
+    clean = draw_clean_subset(bundle.reserve, int(run_config["clean_size"]), seed)
+    before = meta["metrics"]
+    defense = make_defense(run_config["defense"], bundle.dataset_info["name"], seed)
+    model = model.to(device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = rss_mb()
+    t0 = time.perf_counter()
+    purified = defense.purify(model, clean, progress=False)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    peak = peak_rss_mb()
+    after = evaluate_saved(purified, meta, bundle=bundle)
+    report = getattr(defense, "report", {}) or {}
+    hist = report.get("history") or []
+    secs = report.get("seconds") or {}
+    der = defense_effectiveness_rate(before, after) if before.get("asr") is not None else None
+    details = {"defense_report": {k: v for k, v in report.items() if k != "history"},
+               "purify_epoch_seconds": [h.get("seconds") for h in hist],
+               "train_epoch_seconds": (meta.get("bench") or {}).get("epoch_seconds"),
+               "purify_wall_seconds": wall, "n_clean": len(clean), "model_file": str(path),
+               "n_test": after.get("n_clean"), "n_backdoor": after.get("n_backdoor")}
+    return {**model_row(meta), "acc": after["acc"], "asr": after["asr"], "lcr": after["lcr"], "der": der,
+            "purify_seconds": _reported_seconds(secs, wall),
+            "purify_epoch_seconds": _mean([h["seconds"] for h in hist if "seconds" in h]),
+            "peak_rss_mb": peak, "purify_peak_mb": max(peak - base_rss, 0.0),
+            "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else None,
+            "details": details}
+
+
+def no_defense_row(meta: dict[str, Any]) -> dict[str, Any]:
+    """The result of the "none" defense: the backdoored model as it is."""
+    m = meta["metrics"]
+    return {**model_row(meta), "acc": m.get("acc"), "asr": m.get("asr"), "lcr": m.get("lcr"), "der": None,
+            "purify_seconds": None, "details": {"train_epoch_seconds": (meta.get("bench") or {}).get("epoch_seconds")}}
+
+
+def training_defense_row(base_meta: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The result of a training-time defense: the defended model against the undefended one."""
+    from ..metrics import defense_effectiveness_rate
+
+    before, after = base_meta["metrics"], meta["metrics"]
+    b = meta.get("bench") or {}
+    der = defense_effectiveness_rate(before, after) if before.get("asr") is not None else None
+    return {**model_row(base_meta), "acc": after.get("acc"), "asr": after.get("asr"), "lcr": after.get("lcr"),
+            "der": der, "purify_seconds": b.get("train_seconds"), "purify_epoch_seconds": _mean(b.get("epoch_seconds") or []),
+            "peak_rss_mb": b.get("peak_rss_mb"), "gpu_peak_mb": b.get("gpu_peak_mb"),
+            "details": {"training_defense": meta.get("training_defense"),
+                        "defended_train_epoch_seconds": b.get("epoch_seconds")}}
+
+
+def check_entries(spec) -> None:
+    """Build every attack and defense of ``spec`` once, so a bad option stops the run before any work."""
+    from ..errors import FipurifyError
+
+    dataset = spec.data["name"]
+    for e in spec.attacks:
+        try:
+            make_attack(e.config, 0)
+        except FipurifyError as err:
+            raise ConfigError(f"spec {spec.name}, attack {e.id}: {err}") from None
+    for e in spec.defenses:
+        cfg = e.config
+        try:
+            if cfg["stage"] == "post":
+                make_defense(cfg, dataset, 0)
+            elif cfg["stage"] == "training":
+                _training_time().create_training_defense(cfg["name"], **{"seed": 0, **cfg["options"]})
+        except FipurifyError as err:
+            raise ConfigError(f"spec {spec.name}, defense {e.id}: {err}") from None

@@ -1,0 +1,114 @@
+"""One benchmark task in a fresh process.
+
+The runner starts each task with :func:`entry` in a process forked from a fork server
+that has torch and fipurify imported but has run nothing (so a task starts in well under
+a second); ``python -m fipurify.bench.worker TASK.json`` runs a task by hand. A fresh
+process per task gives each run its own peak-memory figure and the same starting state
+whatever ran before it, and a crash or out-of-memory kill takes down only that run. A purification task writes its own result row (ok or failed) in one
+transaction before it exits, so a result is kept even if the runner that started the
+task is killed meanwhile. Exit status: 0 done, 1 failed (and recorded), 2 bad task.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_train(task: dict[str, Any]) -> int:
+    """Train (or find cached) the model of the task."""
+    from . import stages
+
+    try:
+        path, meta, trained = stages.train(task["model_config"], task["model_key"], task["cache"],
+                                           data_root=task.get("data_root"), device=task["device"], log=_log)
+    except Exception as e:
+        traceback.print_exc()
+        _log(f"error: {type(e).__name__}: {e}")
+        return 1
+    m = meta["metrics"]
+    _log(f"{'trained' if trained else 'found'} {path}: acc {m['acc']:.4f} asr {m['asr']}")
+    return 0
+
+
+def run_purify(task: dict[str, Any]) -> int:
+    """Purify one model and record the result (ok or failed) in the results store."""
+    from . import stages
+    from .store import ResultStore, utc_now
+
+    row = dict(task["row"])
+    store = ResultStore(task["db"])
+    lock = Path(task["lock"])
+    with stages.file_lock(lock):  # another runner may hold the same run (e.g. an orphan of a killed one)
+        if store.finished([row["run_key"]]):
+            _log("already done by another process")
+            return 0
+        row["started_at"] = utc_now()
+        try:
+            fields = stages.purify(task["run_config"], Path(task["model_path"]), data_root=task.get("data_root"),
+                                   device=task["device"])
+            row.update(fields, status="ok", error=None)
+        except Exception as e:
+            traceback.print_exc()
+            row.update(status="failed", error=f"{type(e).__name__}: {e}")
+        row.update(stages.environment(task["device"], task.get("threads")))
+        store.record(row)
+    store.close()
+    if row["status"] != "ok":
+        _log(f"error: {row['error']}")
+        return 1
+    _log(f"ok: acc {row['acc']:.4f} asr {row['asr']}")
+    return 0
+
+
+def run_task(task: dict[str, Any]) -> int:
+    """Run one task dict (``kind`` train or purify); returns the exit status."""
+    from . import stages
+
+    stages.setup_torch(task.get("threads"), task.get("deterministic", True))
+    if task["kind"] == "train":
+        return run_train(task)
+    if task["kind"] == "purify":
+        return run_purify(task)
+    _log(f"unknown task kind {task['kind']!r}")
+    return 2
+
+
+def entry(task: dict[str, Any], log_path: str) -> None:
+    """Process target: send stdout and stderr to ``log_path``, run the task, exit with its status."""
+    import os
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    if task.get("threads"):
+        os.environ["OMP_NUM_THREADS"] = str(task["threads"])
+    try:
+        code = run_task(task)
+    except BaseException:
+        traceback.print_exc()
+        code = 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        _log("usage: python -m fipurify.bench.worker TASK.json")
+        return 2
+    return run_task(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

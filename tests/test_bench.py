@@ -1,0 +1,327 @@
+"""Benchmark runner, results store and report: grid expansion, kill-and-resume, concurrent writers, rendering."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import multiprocessing
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fipurify.bench.report import build_table
+from fipurify.bench.render import to_csv, to_html, to_json, to_markdown, write_report
+from fipurify.bench.spec import load_spec, parse_spec, stable_hash
+from fipurify.bench.store import ResultStore
+from fipurify.errors import ConfigError
+
+# A tiny synthetic benchmark: width-4 PreActResNet18, 1 epoch, 2 attacks x 2 defenses.
+TINY = """
+name = "tiny"
+title = "Tiny synthetic benchmark"
+
+[data]
+name = "synthetic"
+reserve = 40
+options = { n = 200, num_classes = 4, image_size = 16 }
+
+[model]
+arch = "preactresnet18"
+width = 4
+
+[training]
+epochs = 1
+lr = 0.05
+batch_size = 32
+augment = false
+
+[grid]
+seeds = [0]
+clean_sizes = [20]
+
+[[attacks]]
+name = "badnets"
+poison_rate = 0.2
+
+[[attacks]]
+name = "blend"
+poison_rate = 0.2
+
+[[defenses]]
+name = "ft"
+options = { epochs = 1, batch_size = 16 }
+
+[[defenses]]
+name = "ffip"
+options = { epochs = 1, batch_size = 16 }
+"""
+
+
+def _doc(**over):
+    doc = {"name": "g", "data": {"name": "synthetic", "reserve": 40}, "model": {"arch": "preactresnet18", "width": 4},
+           "training": {"epochs": 1}, "grid": {"seeds": [0, 1], "clean_sizes": [10, 20]},
+           "attacks": [{"name": "badnets", "poison_rate": 0.1}, {"name": "none"}],
+           "defenses": [{"name": "none"}, {"name": "ft"}, {"name": "ffip", "options": {"epochs": 1}},
+                        {"name": "abl", "stage": "training", "options": {"isolation_epochs": 1}}]}
+    doc.update(over)
+    return doc
+
+
+# --------------------------------------------------------------------------- spec / grid
+def test_grid_expansion_keys_and_models():
+    spec = parse_spec(_doc(grid={"seeds": [0, 1], "clean_sizes": [10, 20],
+                                 "vary": [{"path": "attack.poison_rate", "values": [0.1, 0.3]}]}))
+    runs = spec.runs()
+    # (badnets x 2 poison rates + the clean model once) x clean sizes x defenses x seeds
+    assert len(runs) == (2 + 1) * 2 * 4 * 2
+    assert len({r.key for r in runs}) == len(runs)
+    assert spec.dims() == ["attack", "poison_rate", "clean_size", "defense"]
+    # Same spec, same keys; labels and ids are display only.
+    again = parse_spec(_doc(grid=spec.raw["grid"],
+                            attacks=[{"name": "badnets", "poison_rate": 0.1, "label": "BadNets"}, {"name": "none"}]))
+    assert [r.key for r in again.runs()] == [r.key for r in runs]
+    # Any option that changes what is run changes the key.
+    other = parse_spec(_doc(grid=spec.raw["grid"], training={"epochs": 2}))
+    assert not {r.key for r in other.runs()} & {r.key for r in runs}
+    # The clean model ignores the poison-rate axis; every backdoored cell uses the rate it names.
+    bad = [r for r in runs if r.attack == "badnets"]
+    assert {r.config["attack"]["poison_rate"] for r in bad} == {0.1, 0.3}
+    assert {r.dims["poison_rate"] for r in runs if r.attack == "none"} == {"-"}
+    # Post-training defenses and "none" share the backdoored model of their cell; a training-time
+    # defense has its own model, and its base is that shared model.
+    cell = [r for r in bad if r.seed == 0 and r.config["clean_size"] == 10 and r.dims["poison_rate"] == "0.1"]
+    post = {r.defense: r for r in cell}
+    assert post["none"].model_key == post["ft"].model_key == post["ffip"].model_key
+    assert post["abl"].model_key != post["ft"].model_key and post["abl"].base_model_key == post["ft"].model_key
+    assert post["abl"].stage == "training" and post["none"].stage == "none"
+    # Clean sizes do not change the backdoored model; seeds do.
+    assert len({r.model_key for r in bad if r.defense == "ft"}) == 2 * 2  # poison rates x seeds
+    assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
+
+
+def test_spec_errors_and_extends(tmp_path):
+    with pytest.raises(ConfigError, match="smoothness_penaltyy"):
+        parse_spec(_doc(training={"smoothness_penaltyy": 1.0})).runs()
+    with pytest.raises(ConfigError, match="seeds"):
+        parse_spec(_doc(training={"seed": 3}))
+    with pytest.raises(ConfigError, match="id"):
+        parse_spec(_doc(defenses=[{"name": "ft"}, {"name": "ft"}]))
+    with pytest.raises(ConfigError, match="clean_sizes"):
+        parse_spec(_doc(grid={"seeds": [0]}))
+    (tmp_path / "base.toml").write_text(TINY)
+    (tmp_path / "big.toml").write_text('extends = "base.toml"\n[model]\nwidth = 8\n[grid]\nseeds = [0, 1]\n')
+    base, big = load_spec(tmp_path / "base.toml"), load_spec(tmp_path / "big.toml")
+    assert big.name == "big" and big.model["width"] == 8 and big.model["arch"] == "preactresnet18"
+    assert big.clean_sizes == base.clean_sizes == [20] and big.seeds == [0, 1]
+    assert len(big.runs()) == 2 * len(base.runs())
+
+
+def test_shipped_specs_parse():
+    specs = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "specs").glob("*.toml"))
+    names = {p.stem for p in specs}
+    for name in ("table1", "table7", "table8", "table9", "table10", "table11", "table12", "table13", "table14",
+                 "fig4", "table16", "table17"):
+        assert name in names and f"{name}-paper" in names
+    for p in specs:
+        spec = load_spec(p)
+        assert spec.runs()
+    t7 = load_spec(specs[0].parent / "table7.toml")
+    assert {"fip", "ffip", "ffip-no-trf", "ffip-no-lr", "ft"} <= {d.id for d in t7.defenses}
+    assert t7.paper_table["rows"] and load_spec(specs[0].parent / "table7-paper.toml").model["width"] == 64
+
+
+# --------------------------------------------------------------------------- store
+def _row(key: str, status: str = "ok", **kw):
+    return {"run_key": key, "spec": "s", "config": {"k": key}, "status": status, **kw}
+
+
+def _writer(path: str, prefix: str, n: int) -> None:
+    store = ResultStore(path)
+    for i in range(n):
+        store.record(_row(f"{prefix}-{i}", acc=i / n))
+    store.close()
+
+
+def test_store_concurrent_writers_lose_nothing(tmp_path):
+    db = str(tmp_path / "r.sqlite")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(db, f"p{j}", 30)) for j in range(4)]
+    threads = [threading.Thread(target=_writer, args=(db, f"t{j}", 30)) for j in range(3)]
+    for w in procs + threads:
+        w.start()
+    for w in procs + threads:
+        w.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    with ResultStore(db) as store:
+        keys = store.status()
+        assert len(keys) == 7 * 30 and set(keys.values()) == {"ok"}
+        assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        # An ok result is never replaced; a failed one is, and the attempt is counted.
+        assert store.record(_row("p0-0", status="failed", error="late duplicate")) is False
+        assert store.get("p0-0")["status"] == "ok"
+        store.record(_row("x", status="failed", error="boom"))
+        assert store.record(_row("x", acc=0.5)) is True
+        got = store.get("x")
+        assert got["status"] == "ok" and got["attempts"] == 2 and got["error"] is None
+        assert got["config"] == {"k": "x"}
+
+
+def test_store_merge(tmp_path):
+    a, b = ResultStore(tmp_path / "a.sqlite"), ResultStore(tmp_path / "b.sqlite")
+    a.record(_row("1", acc=0.1))
+    a.record(_row("2", status="failed", error="oom"))
+    b.record(_row("2", acc=0.2))
+    b.record(_row("3", acc=0.3))
+    b.record(_row("1", acc=0.9))
+    b.save_spec("s", {"name": "s"})
+    b.close()
+    assert a.merge_from(tmp_path / "b.sqlite") == 2
+    assert {k: a.get(k)["acc"] for k in "123"} == {"1": 0.1, "2": 0.2, "3": 0.3}
+    assert "s" in a.specs()
+    a.close()
+
+
+# --------------------------------------------------------------------------- report
+REPORT_SPEC = TINY.replace('[[defenses]]\nname = "ft"', '[[defenses]]\nname = "none"\n\n[[defenses]]\nname = "ft"') \
+    .replace("seeds = [0]", "seeds = [0, 1]") + """
+[paper_table]
+source = "Test paper, Table 99"
+rows = [ { attack = "badnets", defense = "ffip", asr = 1.86, acc = 89.32 }, { defense = "ffip", time = 20.8 } ]
+"""
+
+# (attack, defense) -> per-seed (acc, asr, lcr, seconds)
+VALUES = {
+    ("badnets", "none"): [(0.90, 1.00, 0.00, None), (0.92, 1.00, 0.00, None)],
+    ("badnets", "ft"): [(0.80, 0.50, 0.40, 10.0), (0.82, 0.40, 0.50, 12.0)],
+    ("badnets", "ffip"): [(0.85, 0.05, 0.80, 5.0), (0.87, 0.07, 0.84, 7.0)],
+    ("blend", "none"): [(0.91, 1.00, 0.00, None), (0.91, 1.00, 0.00, None)],
+    ("blend", "ft"): [(0.88, 0.30, 0.60, 9.0), (0.88, 0.30, 0.60, 9.0)],
+}  # blend/ffip failed
+
+
+@pytest.fixture()
+def fixture_db(tmp_path):
+    spec = parse_spec({**__import__("tomllib").loads(REPORT_SPEC)})
+    store = ResultStore(tmp_path / "r.sqlite")
+    store.save_spec(spec.name, spec.raw)
+    for run in spec.runs():
+        vals = VALUES.get((run.attack, run.defense))
+        base = {"run_key": run.key, "spec": spec.name, "label": run.label, "attack": run.attack,
+                "defense": run.defense, "seed": run.seed, "config": run.config, "device": "cpu", "host": "h"}
+        if vals is None:
+            store.record({**base, "status": "failed", "error": "DataError: boom"})
+            continue
+        acc, asr, lcr, secs = vals[run.seed]
+        store.record({**base, "status": "ok", "acc": acc, "asr": asr, "lcr": lcr, "purify_seconds": secs,
+                      "der": None if secs is None else (max(0, 1 - asr) - max(0, 0.91 - acc) + 1) / 2,
+                      "fipurify_version": "0.1.0"})
+    yield spec, store
+    store.close()
+
+
+def test_report_aggregates_marks_best_and_shows_paper(fixture_db, tmp_path):
+    spec, store = fixture_db
+    t = build_table(spec, store)
+    rows = {(r.dims["attack"], r.dims["defense"]): r for r in t.rows}
+    ffip = rows[("badnets", "ffip")]
+    assert ffip.cells["acc"].mean == pytest.approx(0.86) and ffip.cells["acc"].std == pytest.approx(0.014142, abs=1e-5)
+    assert ffip.best == {"acc", "asr", "lcr", "der", "time"} and not rows[("badnets", "ft")].best
+    assert not rows[("blend", "ft")].best  # blend/ffip failed: one candidate, nothing to compare
+    assert ffip.paper == {"asr": 1.86, "acc": 89.32, "time": 20.8}
+    assert rows[("blend", "ffip")].n_ok == 0 and len(t.failed) == 2
+    assert not rows[("badnets", "none")].best  # no defense is never "best"
+
+    md = to_markdown(t)
+    assert "| badnets | ffip | **86.00 ± 1.41** | 89.32 | **6.00 ± 1.41** | 1.86 | **82.00 ± 2.83** | " \
+           "**94.50 ± 0.00** | **6.0 ± 1.4** | 20.8 | 2 |" in md
+    assert "| blend | ffip | - | - | - | - | - | - | - | 20.8 | 0/2 |" in md
+    assert "Test paper, Table 99" in md
+    assert "DataError: boom" in md
+    html = to_html(t, {"fig.png": b"\x89PNG fake"})
+    assert '<td class="best">6.00 ± 1.41</td>' in html and "data:image/png;base64," in html
+    assert "<style>" in html and "89.32" in html
+    recs = list(csv.DictReader(io.StringIO(to_csv(t))))
+    r = next(x for x in recs if x["attack"] == "badnets" and x["defense"] == "ffip")
+    assert float(r["asr_mean"]) == pytest.approx(0.06) and r["asr_best"] == "True" and float(r["acc_paper"]) == 89.32
+    doc = json.loads(to_json(t))
+    j = next(x for x in doc["rows"] if x["attack"] == "blend" and x["defense"] == "ft")
+    assert j["acc_mean"] == pytest.approx(0.88) and j["acc_std"] == pytest.approx(0.0) and j["n"] == 2
+    assert doc["paper_source"] == "Test paper, Table 99" and len(doc["failed"]) == 2
+
+    paths = write_report(t, tmp_path / "out")
+    names = {p.name for p in paths}
+    assert {"tiny.md", "tiny.html", "tiny.csv", "tiny.json", "tiny-runtime.png"} <= names
+    page = (tmp_path / "out" / "tiny.html").read_text()
+    assert "data:image/png;base64,iVBOR" in page  # the runtime chart, embedded
+
+
+def test_report_cli_from_database(fixture_db, tmp_path, capsys):
+    from fipurify.cli import main
+
+    spec, store = fixture_db
+    assert main(["report", str(store.path), "--out", str(tmp_path / "rep"), "--no-figures", "--format", "md,json"]) == 0
+    assert "**6.00 ± 1.41**" in capsys.readouterr().out
+    assert (tmp_path / "rep" / "tiny.md").is_file() and not (tmp_path / "rep" / "tiny.html").exists()
+    assert main(["report", str(store.path), "--format", "pdf"]) == 2
+
+
+# --------------------------------------------------------------------------- runner
+def _bench(tmp: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "fipurify.cli", "bench", str(tmp / "tiny.toml"), "--db", str(tmp / f"{name}.sqlite"),
+            "--cache", str(tmp / f"cache-{name}"), "--threads", "1", "--quiet", *extra]
+
+
+def _ok_rows(db: Path) -> dict[str, tuple]:
+    if not db.exists():
+        return {}
+    con = sqlite3.connect(str(db), timeout=30)
+    try:
+        return {r[0]: r[1:] for r in con.execute(
+            "SELECT run_key, acc, asr, lcr, der, acc_before, asr_before, finished_at, attempts FROM results "
+            "WHERE status = 'ok'")}
+    except sqlite3.OperationalError:  # the runner is still creating the tables
+        return {}
+    finally:
+        con.close()
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # Reference: uninterrupted, two workers at a time.
+    ref = subprocess.run(_bench(tmp_path, "ref", "--jobs", "2"), env=env, capture_output=True, text=True, timeout=240)
+    assert ref.returncode == 0, ref.stderr
+    expected = _ok_rows(tmp_path / "ref.sqlite")
+    assert len(expected) == 4
+
+    # Interrupted: SIGKILL the runner and its workers as soon as the first result is committed.
+    db = tmp_path / "run.sqlite"
+    proc = subprocess.Popen(_bench(tmp_path, "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not _ok_rows(db) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = _ok_rows(db)
+    assert 1 <= len(first) < 4, "kill the run between its first and its last result"
+
+    again = subprocess.run(_bench(tmp_path, "run"), env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr
+    assert f"{len(first)} already done" in again.stderr
+    final = _ok_rows(db)
+    con = sqlite3.connect(str(db))
+    assert con.execute("SELECT COUNT(*), COUNT(DISTINCT run_key) FROM results").fetchone() == (4, 4)
+    con.close()
+    assert set(final) == set(expected)
+    for key, row in first.items():  # finished runs were not repeated
+        assert final[key] == row
+    for key in expected:  # same seeds -> the same numbers as the uninterrupted run
+        assert final[key][:6] == expected[key][:6]
