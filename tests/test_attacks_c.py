@@ -199,7 +199,8 @@ def test_clb_spec_references_the_surrogate_and_rebuilds_the_same_set(train, test
     again = roundtrip(clb)
     assert torch.equal(again.poison(train).as_arrays()[0], x1)
     bd = again.backdoor_test_set(test_set)                                 # the patch only
-    assert (bd.true_labels != 1).all() and torch.equal(bd[0][0], clb.apply_trigger(test_set[int(bd.original_index[0])][0]))
+    first = test_set[int(bd.original_index[0])][0]
+    assert (bd.true_labels != 1).all() and torch.equal(bd[0][0], clb.apply_trigger(first))
     # prepare() again finds the recorded file and trains nothing.
     again.prepare(train)
     assert again.surrogate == spec["surrogate"]

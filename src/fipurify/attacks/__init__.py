@@ -4,7 +4,8 @@
 >>> train = attack.poison(train_set); bd_test = attack.backdoor_test_set(test_set)
 
 Names: ``badnets``, ``blend`` (alias ``blended``), ``trojan`` (aliases ``troj-one`` and
-``troj-all`` fix ``mode``), ``sig``, ``custom``. ``attack.to_spec()`` is JSON-ready and
+``troj-all`` fix ``mode``), ``sig``, ``custom``, ``wanet``, ``cba``, ``clb`` (its clean
+surrogate is trained in ``prepare``), ``bppa``, ``combined``. ``attack.to_spec()`` is JSON-ready and
 :func:`from_spec` rebuilds the same attack.
 
 Learned-trigger attacks ``dynamic`` (aliases ``dyn-one`` / ``dyn-all``), ``lira``,
