@@ -121,13 +121,10 @@ class ABL(TrainingDefense):
         seconds["unlearn"] = time.perf_counter() - t0
 
         total = time.perf_counter() - t_start
-        self.report = {"method": self.name, "config": cfg.to_dict(), "n_train": len(data),
-                       "n_trainable": int(sum(p.numel() for p in params)),
-                       "n_isolated": int(n_iso), "isolated_indices": isolated.tolist(),
-                       "isolated_loss_max": float(losses[isolated].max()),
-                       "seconds": {"total": total, "setup": seconds["isolate"],
-                                   "train": total - seconds["isolate"], **seconds},
-                       "history": history}
+        self.make_report(data, sum(p.numel() for p in params),
+                         {"total": total, "setup": seconds["isolate"], "train": total - seconds["isolate"], **seconds},
+                         history, n_isolated=int(n_iso), isolated_indices=isolated.tolist(),
+                         isolated_loss_max=float(losses[isolated].max()))
         flags = getattr(data, "poison_flag", None)
         if flags is not None:  # diagnostic only (ground truth the defense never uses)
             self.report["isolated_poison_precision"] = float(np.asarray(flags)[isolated].mean())

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import ConfigError
 from .base import EpochCallback
 from .baseline_common import BaselineConfig, BaselineDefense, copy_of
-from .loop import finetune
+from .loop import finetune, make_optimizer
 
 
 @dataclass
@@ -134,7 +134,7 @@ class ANP(BaselineDefense):
         for p in work.parameters():
             p.requires_grad_(False)
         pert = NeuronPerturbation(work, cfg.eps)
-        mask_opt = torch.optim.SGD(pert.masks, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        mask_opt = make_optimizer(pert.masks, cfg)
         noise_opt = torch.optim.SGD(pert.noise_w + pert.noise_b, lr=cfg.eps / cfg.steps) if cfg.eps > 0 else None
         gen = torch.Generator().manual_seed(cfg.seed + 1)
 
@@ -179,8 +179,8 @@ class ANP(BaselineDefense):
                     pruned[name] = idx
         n_neurons = sum(q.numel() for q in pert.masks)
         self.make_report(train_set, holdout, n_neurons,
-                         {"total": time.perf_counter() - t_start, "setup": 0.0, "prune": time.perf_counter() - t0,
-                          "train": sum(r["seconds"] for r in history)}, history,
+                         {"total": time.perf_counter() - t_start, "setup": 0.0, "prune": time.perf_counter() - t0},
+                         history,
                          pruned_neurons=pruned, n_pruned=sum(len(v) for v in pruned.values()),
                          n_neurons=n_neurons, threshold=cfg.threshold,
                          mask_min=float(min(q.detach().min() for q in pert.masks)),

@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +41,8 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback, as_dataset, check_clean_set
-from .loop import finetune
-from .split import holdout_split
+from .base import Defense, DefenseConfig, EpochCallback
+from .loop import finetune, make_optimizer
 
 
 @dataclass
@@ -101,12 +99,6 @@ class AWM(Defense):
     name = "awm"
     config_class = AWMConfig
 
-    @classmethod
-    def paper_schedule(cls) -> dict[str, Any]:
-        """This method's own schedule, for the registry's fixed options (a dataset preset holds FIP's)."""
-        c = cls.config_class()
-        return {"epochs": c.epochs, "lr": c.lr, "milestones": c.milestones, "gamma": c.gamma}
-
     def _masked_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         kinds = (nn.Conv2d, nn.Linear) if self.config.mask_linear else (nn.Conv2d,)
         return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
@@ -114,9 +106,7 @@ class AWM(Defense):
     def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
                progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
         cfg: AWMConfig = self.config
-        data = as_dataset(clean_data)
-        check_clean_set(data, cfg.min_clean, model)
-        train_set, holdout = holdout_split(data, cfg.holdout, cfg.seed)
+        train_set, holdout = self.clean_split(model, clean_data)
         t_start = time.perf_counter()
         work = copy.deepcopy(model)
         torch.manual_seed(cfg.seed)
@@ -176,7 +166,7 @@ class AWM(Defense):
             for mk in masks:
                 mk.clamp_(0.0, 1.0)
 
-        opt = torch.optim.Adam(masks, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(masks, cfg, "adam")
         history = finetune(work, masks, train_set, cfg, holdout=holdout, optimizer=opt, post_step=clip,
                            progress=progress, callback=callback, desc=self.name, objective=objective,
                            epoch_start=recover_trigger)
@@ -191,13 +181,8 @@ class AWM(Defense):
                 named[name].weight.mul_(mk.detach().clamp(0, 1))
         values = torch.cat([mk.detach().flatten() for mk in masks])
         self.trigger = {k: v.detach().cpu() for k, v in trigger.items()}
-        total = time.perf_counter() - t_start
-        self.report = {"method": self.name, "config": cfg.to_dict(),
-                       "n_clean_train": len(train_set), "n_holdout": len(holdout) if holdout is not None else 0,
-                       "n_trainable": int(values.numel()), "masked_layers": [n for n, _ in layers],
-                       "mask_mean": float(values.mean()), "mask_below_half": float((values < 0.5).float().mean()),
-                       "trigger_l1": trig_l1,
-                       "seconds": {"total": total, "setup": setup_s, "trigger": trig_s[0],
-                                   "train": sum(r["seconds"] for r in history)},
-                       "history": history}
+        self.make_report(train_set, holdout, values.numel(),
+                         {"total": time.perf_counter() - t_start, "setup": setup_s, "trigger": trig_s[0]}, history,
+                         masked_layers=[n for n, _ in layers], mask_mean=float(values.mean()),
+                         mask_below_half=float((values < 0.5).float().mean()), trigger_l1=trig_l1)
         return purified.eval()

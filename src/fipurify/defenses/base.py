@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -21,13 +21,38 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
 from ..validation import check_optimisation
+from .split import holdout_split
 
 #: a callback receives one per-epoch record (dict) while a defense runs
 EpochCallback = Callable[[dict[str, Any]], None]
 
+_O = TypeVar("_O", bound="Options")
+
+
+class Options:
+    """Base of the config dataclasses (purification and training-time defenses): a validated
+    set of options, copied with overrides by :meth:`updated`."""
+
+    def validate(self: _O) -> _O:
+        """Check every field (ConfigError on a bad one); subclasses extend it. Returns self."""
+        return self
+
+    def _coerce(self, overrides: dict[str, Any]) -> None:
+        """Turn option values as they come from JSON/the CLI (lists) into the field types, in place."""
+
+    def updated(self: _O, **overrides: Any) -> _O:
+        """A copy with ``overrides`` applied; unknown names raise ConfigError."""
+        known = {f.name for f in fields(self)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ConfigError(f"unknown option(s) for {type(self).__name__}: {', '.join(bad)}; "
+                              f"known: {', '.join(sorted(known))}")
+        self._coerce(overrides)
+        return replace(self, **overrides).validate()
+
 
 @dataclass
-class DefenseConfig:
+class DefenseConfig(Options):
     """Settings shared by every fine-tuning-based defense.
 
     ``holdout`` is the share of the clean set kept out of training to report clean
@@ -66,35 +91,82 @@ class DefenseConfig:
         d["milestones"] = list(self.milestones)
         return d
 
-    def updated(self, **overrides: Any) -> "DefenseConfig":
-        """A copy with ``overrides`` applied; unknown names raise ConfigError."""
-        known = {f.name for f in fields(self)}
-        bad = sorted(set(overrides) - known)
-        if bad:
-            raise ConfigError(f"unknown option(s) for {type(self).__name__}: {', '.join(bad)}; "
-                              f"known: {', '.join(sorted(known))}")
+    def _coerce(self, overrides: dict[str, Any]) -> None:
         if "milestones" in overrides and overrides["milestones"] is not None:
             overrides["milestones"] = tuple(int(m) for m in overrides["milestones"])
-        return replace(self, **overrides).validate()
 
 
-class Defense(ABC):
-    """Base class: configure in the constructor, act in :meth:`purify`."""
+class Configured:
+    """Configured in the constructor: an instance of ``config_class`` (default: its defaults)
+    with option ``overrides`` applied, validated; ``report`` is filled when the method runs."""
 
-    name: ClassVar[str] = "defense"
-    config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
+    name: ClassVar[str] = "method"
+    config_class: ClassVar[type[Options]] = Options
 
-    def __init__(self, config: DefenseConfig | None = None, **overrides: Any):
+    def __init__(self, config: Options | None = None, **overrides: Any):
         cfg = config if config is not None else self.config_class()
         if not isinstance(cfg, self.config_class):
             raise ConfigError(f"{self.name} takes a {self.config_class.__name__}, got {type(cfg).__name__}")
         self.config = cfg.updated(**overrides) if overrides else cfg.validate()
         self.report: dict[str, Any] = {}
 
+
+class Defense(Configured, ABC):
+    """Base class: configure in the constructor, act in :meth:`purify`.
+
+    Also the pieces every purification method shares: the clean-set check and hold-out
+    split (:meth:`clean_split`) and the report (:meth:`make_report`).
+    """
+
+    name: ClassVar[str] = "defense"
+    config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
+    config: DefenseConfig
+
     @abstractmethod
     def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
                progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
         """Return a purified copy of ``model`` (the input model is left unchanged)."""
+
+    @classmethod
+    def paper_schedule(cls) -> dict[str, Any]:
+        """The schedule fields of this method's defaults, for the registry's fixed options (so
+        that a dataset preset, which holds FIP's schedule, does not replace the method's own)."""
+        cfg = cls.config_class()
+        return {"epochs": cfg.epochs, "lr": cfg.lr, "milestones": cfg.milestones, "gamma": cfg.gamma}
+
+    def method_name(self) -> str:
+        """The name reported as ``report["method"]`` (a configuration may have its own, e.g. FIP's "ft")."""
+        return self.name
+
+    def clean_split(self, model: nn.Module, clean_data: Dataset | DataLoader) -> tuple[Dataset, Dataset | None]:
+        """Check the clean set against the model and split off the hold-out (clean data only)."""
+        data = as_dataset(clean_data)
+        check_clean_set(data, self.config.min_clean, model)
+        return holdout_split(data, self.config.holdout, self.config.seed)
+
+    def make_report(self, train_set: Dataset | None, holdout: Dataset | None, n_trainable: int,
+                    seconds: dict[str, float], history: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        """Fill ``self.report`` with the fields every defense reports, ``extra`` method-specific ones.
+
+        ``seconds`` gets ``train`` = the summed epoch times of ``history`` unless it has one.
+        """
+        seconds = dict(seconds)
+        seconds.setdefault("train", sum(r["seconds"] for r in history))
+        self.report = {"method": self.method_name(), "config": self.config.to_dict(),
+                       "n_clean_train": len(train_set) if train_set is not None else 0,
+                       "n_holdout": len(holdout) if holdout is not None else 0,
+                       "n_trainable": int(n_trainable), **extra, "seconds": seconds, "history": history}
+        return self.report
+
+
+def labelled(callback: EpochCallback | None, key: str, value: str) -> EpochCallback:
+    """A callback that sets ``rec[key] = value`` on each per-epoch record (the record is also
+    the history entry) before passing it on to ``callback``."""
+    def cb(rec: dict[str, Any]) -> None:
+        rec[key] = value
+        if callback is not None:
+            callback(rec)
+    return cb
 
 
 def as_dataset(clean_data: Dataset | DataLoader) -> Dataset:

@@ -2,8 +2,9 @@
 
 A baseline keeps its own paper's schedule: :meth:`BaselineDefense.paper_schedule` gives
 the registry the fields a dataset preset would otherwise overwrite with FIP's schedule.
-Also here: the LR schedules the baselines' papers use, the clean-set split, the report
-every defense fills, batch-norm statistics recomputation and a conv -> BN pairing walk.
+Also here: the LR schedules the baselines' papers use, batch-norm statistics
+recomputation and a conv -> BN pairing walk. (The clean-set split and the report every
+defense fills are :class:`~fipurify.defenses.base.Defense`'s.)
 """
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, as_dataset, check_clean_set
-from .split import holdout_split
+from .base import Defense, DefenseConfig, as_dataset
 
 #: "multistep": MultiStepLR(milestones, gamma); "cosine": cosine annealing to 0 over the epochs;
 #: "flat-linear": constant for the first half, linear decay to 1% at 90%, then 1% (Garipov et al.'s
@@ -55,35 +55,14 @@ def make_scheduler(kind: str, epochs: int, milestones: tuple[int, ...] = (), gam
 
 
 class BaselineDefense(Defense):
-    """A defense from another paper: its own defaults, the shared clean split and report."""
+    """A defense from another paper: its own defaults (:meth:`Defense.paper_schedule`) and LR
+    schedule kind; the clean split and report are :class:`Defense`'s."""
 
     config_class = BaselineConfig
-
-    @classmethod
-    def paper_schedule(cls) -> dict[str, Any]:
-        """The schedule fields of this method's defaults, for the registry's fixed options (so
-        that a dataset preset, which holds FIP's schedule, does not replace the method's own)."""
-        cfg = cls.config_class()
-        return {"epochs": cfg.epochs, "lr": cfg.lr, "milestones": cfg.milestones, "gamma": cfg.gamma}
 
     def scheduler(self, epochs: int | None = None, kind: str | None = None) -> Callable[[torch.optim.Optimizer], Any]:
         cfg: BaselineConfig = self.config
         return make_scheduler(kind or cfg.schedule, epochs or cfg.epochs, cfg.milestones, cfg.gamma)
-
-    def clean_split(self, model: nn.Module, clean_data: Dataset | DataLoader) -> tuple[Dataset, Dataset | None]:
-        """Check the clean set against the model and split off the hold-out (clean data only)."""
-        data = as_dataset(clean_data)
-        check_clean_set(data, self.config.min_clean, model)
-        return holdout_split(data, self.config.holdout, self.config.seed)
-
-    def make_report(self, train_set: Dataset | None, holdout: Dataset | None, n_trainable: int,
-                    seconds: dict[str, float], history: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        """The report every defense fills (the same fields as FIP's) plus method-specific ones."""
-        self.report = {"method": self.name, "config": self.config.to_dict(),
-                       "n_clean_train": len(train_set) if train_set is not None else 0,
-                       "n_holdout": len(holdout) if holdout is not None else 0,
-                       "n_trainable": int(n_trainable), "seconds": dict(seconds), "history": history, **extra}
-        return self.report
 
 
 def model_device(model: nn.Module) -> torch.device:

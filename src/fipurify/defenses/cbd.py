@@ -168,9 +168,7 @@ class CBD(TrainingDefense):
         for p in critic.parameters():  # the critic's gradients are not the model's business
             p.grad = None
         total = time.perf_counter() - t_start
-        self.report = {"method": self.name, "config": cfg.to_dict(), "n_train": len(data),
-                       "n_trainable": int(sum(p.numel() for p in params)),
-                       "seconds": {"total": total, "setup": backdoor_s, "train": total - backdoor_s,
-                                   "backdoor_model": backdoor_s},
-                       "history": history}
+        self.make_report(data, sum(p.numel() for p in params),
+                         {"total": total, "setup": backdoor_s, "train": total - backdoor_s,
+                          "backdoor_model": backdoor_s}, history)
         return model.eval()

@@ -32,11 +32,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback, as_dataset, check_clean_set
+from .base import Defense, DefenseConfig, EpochCallback
 from .fisher import diag_fisher, fisher_anchor_loss, fisher_trace, snapshot
-from .loop import finetune
+from .loop import finetune, make_optimizer
 from .spectral import attach_spectral, fold_spectral
-from .split import holdout_split
 
 ESTIMATORS = ("sampled", "exact", "empirical")
 
@@ -109,9 +108,7 @@ class FIP(Defense):
     def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
                progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
         cfg: FIPConfig = self.config
-        data = as_dataset(clean_data)
-        check_clean_set(data, cfg.min_clean, model)
-        train_set, holdout = holdout_split(data, cfg.holdout, cfg.seed)
+        train_set, holdout = self.clean_split(model, clean_data)
         t_start = time.perf_counter()
         model = copy.deepcopy(model)
         torch.manual_seed(cfg.seed)
@@ -149,9 +146,7 @@ class FIP(Defense):
             for p, a, f in zip(params, anchor, fdiag):
                 p.sub_(a).div_(1.0 + lr * cfg.eta_r * f).add_(a)
 
-        opt = None
-        if cfg.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(params, cfg, cfg.optimizer)
         history = finetune(model, params, train_set, cfg, holdout=holdout, penalty=penalty, optimizer=opt,
                            post_step=proximal if cfg.eta_r > 0 and cfg.anchor_update == "proximal" else None,
                            progress=progress, callback=callback, desc=self.method_name())
@@ -159,13 +154,9 @@ class FIP(Defense):
             fold_spectral(model)
         for p in model.parameters():
             p.requires_grad_(True)
-        total = time.perf_counter() - t_start
-        self.report = {"method": self.method_name(), "config": cfg.to_dict(),
-                       "n_clean_train": len(train_set), "n_holdout": len(holdout) if holdout is not None else 0,
-                       "n_trainable": int(sum(p.numel() for p in params)), "trainable_tensors": len(names),
-                       "seconds": {"total": total, "setup": setup_s, "fisher_diag": fisher_s,
-                                   "train": sum(r["seconds"] for r in history)},
-                       "history": history}
+        self.make_report(train_set, holdout, sum(p.numel() for p in params),
+                         {"total": time.perf_counter() - t_start, "setup": setup_s, "fisher_diag": fisher_s},
+                         history, trainable_tensors=len(names))
         return model.eval()
 
     def method_name(self) -> str:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import ConfigError
 from .base import EpochCallback
 from .baseline_common import BaselineConfig, BaselineDefense, copy_of
-from .loop import finetune
+from .loop import finetune, make_optimizer
 from .sam import SAM
 
 
@@ -78,7 +78,7 @@ class FTSAM(BaselineDefense):
         model = copy_of(model)
         torch.manual_seed(cfg.seed)
         params = list(model.parameters())
-        base = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        base = make_optimizer(params, cfg)
         sam = SAM(params, base, rho=cfg.rho, adaptive=cfg.adaptive)
 
         def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -102,6 +102,5 @@ class FTSAM(BaselineDefense):
         history = finetune(model, params, train_set, cfg, holdout=holdout, optimizer=base, step_fn=sam_step,
                            scheduler=self.scheduler(), progress=progress, callback=callback, desc=self.name)
         self.make_report(train_set, holdout, sum(p.numel() for p in params),
-                         {"total": time.perf_counter() - t_start, "setup": setup_s,
-                          "train": sum(r["seconds"] for r in history)}, history)
+                         {"total": time.perf_counter() - t_start, "setup": setup_s}, history)
         return model.eval()

@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +39,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback, as_dataset, check_clean_set
-from .loop import finetune
-from .split import holdout_split
+from .base import Defense, DefenseConfig, EpochCallback
+from .loop import finetune, make_optimizer
 
 
 @dataclass
@@ -124,18 +122,10 @@ class IBAU(Defense):
     name = "i-bau"
     config_class = IBAUConfig
 
-    @classmethod
-    def paper_schedule(cls) -> dict[str, Any]:
-        """This method's own schedule, for the registry's fixed options (a dataset preset holds FIP's)."""
-        c = cls.config_class()
-        return {"epochs": c.epochs, "lr": c.lr, "milestones": c.milestones, "gamma": c.gamma}
-
     def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
                progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
         cfg: IBAUConfig = self.config
-        data = as_dataset(clean_data)
-        check_clean_set(data, cfg.min_clean, model)
-        train_set, holdout = holdout_split(data, cfg.holdout, cfg.seed)
+        train_set, holdout = self.clean_split(model, clean_data)
         t_start = time.perf_counter()
         model = copy.deepcopy(model)
         torch.manual_seed(cfg.seed)
@@ -182,21 +172,13 @@ class IBAU(Defense):
             idx = torch.randperm(len(x), generator=gen)[:k].to(x.device)
             return implicit_terms(m, x, y, delta, idx, cfg)
 
-        if cfg.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(params, cfg, cfg.optimizer)
         history = finetune(model, params, train_set, cfg, holdout=holdout, optimizer=opt, progress=progress,
                            callback=callback, desc=self.name, objective=hypergradient, epoch_start=find_perturbation)
         for rec, n in zip(history, norms):
             rec["pert_norm"] = n
         self.perturbation = delta.detach().cpu()
-        total = time.perf_counter() - t_start
-        self.report = {"method": self.name, "config": cfg.to_dict(),
-                       "n_clean_train": len(train_set), "n_holdout": len(holdout) if holdout is not None else 0,
-                       "n_trainable": int(sum(p.numel() for p in params)),
-                       "perturbation_norms": norms,
-                       "seconds": {"total": total, "setup": 0.0, "perturbation": pert_s[0],
-                                   "train": sum(r["seconds"] for r in history)},
-                       "history": history}
+        self.make_report(train_set, holdout, sum(p.numel() for p in params),
+                         {"total": time.perf_counter() - t_start, "setup": 0.0, "perturbation": pert_s[0]},
+                         history, perturbation_norms=norms)
         return model.eval()

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..augment import random_crop_flip
-from ..errors import FipurifyError
+from ..errors import ConfigError, FipurifyError
 from ..metrics import accuracy, predict
 from .base import DefenseConfig, EpochCallback
 
@@ -38,6 +38,18 @@ def set_bn_eval(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+
+
+def make_optimizer(params: Sequence[torch.Tensor], cfg: DefenseConfig, kind: str = "sgd",
+                   nesterov: bool = False) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg``: ``"sgd"`` (lr, momentum, weight decay; the loop's default) or
+    ``"adam"`` (lr, weight decay)."""
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=nesterov)
+    raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {kind!r}")
 
 
 def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Dataset, cfg: DefenseConfig, *,
@@ -68,7 +80,7 @@ def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Datase
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(train_set, batch_size=min(cfg.batch_size, len(train_set)), shuffle=True,
                         generator=gen)
-    opt = optimizer or torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = optimizer or make_optimizer(params, cfg)
     sched = scheduler(opt) if scheduler is not None \
         else torch.optim.lr_scheduler.MultiStepLR(opt, [m for m in cfg.milestones], cfg.gamma)
     history: list[dict[str, Any]] = []

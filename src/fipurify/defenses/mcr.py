@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, replace
-from typing import Any
-
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -30,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
 from ..metrics import accuracy, predict
-from .base import EpochCallback
+from .base import EpochCallback, labelled
 from .baseline_common import BaselineConfig, BaselineDefense, copy_of, recompute_bn_stats
 from .loop import finetune
 
@@ -119,25 +117,18 @@ class MCR(BaselineDefense):
         train_set, holdout = self.clean_split(model, clean_data)
         torch.manual_seed(cfg.seed)
 
-        def tagged(stage: str):
-            def cb(rec: dict[str, Any]) -> None:
-                rec["stage"] = stage  # rec is also the history entry
-                if callback is not None:
-                    callback(rec)
-            return cb
-
         # 1. the second end point: the backdoored model fine-tuned on the clean set
         end = copy_of(model)
         ft_cfg = replace(cfg, epochs=cfg.ft_epochs, lr=cfg.ft_lr, weight_decay=cfg.ft_weight_decay)
         ft_hist = finetune(end, list(end.parameters()), train_set, ft_cfg, holdout=holdout,
                            scheduler=self.scheduler(cfg.ft_epochs, "cosine"), progress=progress,
-                           callback=tagged("endpoint"), desc=f"{self.name} end point")
+                           callback=labelled(callback, "stage", "endpoint"), desc=f"{self.name} end point")
         endpoint_s = time.perf_counter() - t_start
 
         # 2. the curve's middle control point
         curve = BezierCurve(copy_of(model), end, seed=cfg.seed)
-        curve_hist = finetune(curve, list(curve.mid), train_set, cfg, scheduler=self.scheduler(),
-                              progress=progress, callback=tagged("curve"), desc=f"{self.name} curve")
+        curve_hist = finetune(curve, list(curve.mid), train_set, cfg, scheduler=self.scheduler(), progress=progress,
+                              callback=labelled(callback, "stage", "curve"), desc=f"{self.name} curve")
 
         # 3. the returned point, with BN statistics of its own
         t0 = time.perf_counter()
@@ -153,7 +144,6 @@ class MCR(BaselineDefense):
         history = ft_hist + curve_hist
         self.make_report(train_set, holdout, sum(p.numel() for p in curve.mid),
                          {"total": time.perf_counter() - t_start, "setup": 0.0, "endpoint": endpoint_s,
-                          "select": time.perf_counter() - t0,
-                          "train": sum(r["seconds"] for r in history)}, history,
+                          "select": time.perf_counter() - t0}, history,
                          t=cfg.t, holdout_acc_at_t=picked_acc, curve_scan=scan, bn_recomputed=bn_recomputed)
         return purified.eval()

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback
+from .base import EpochCallback, labelled
 from .baseline_common import BaselineConfig, BaselineDefense, copy_of
-from .loop import finetune
+from .loop import finetune, make_optimizer
 
 
 @dataclass
@@ -123,11 +121,6 @@ class NAD(BaselineDefense):
                               f"({', '.join(stages) or 'none'}); pass layers=[module names]")
         return stages[len(stages) - len(cfg.betas):]
 
-    def _optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        cfg: NADConfig = self.config
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov)
-
     def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
                progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
         cfg: NADConfig = self.config
@@ -136,20 +129,14 @@ class NAD(BaselineDefense):
         layers = self._layers(model)
         torch.manual_seed(cfg.seed)
 
-        def tagged(stage: str):
-            def cb(rec: dict[str, Any]) -> None:
-                rec["stage"] = stage  # rec is also the history entry
-                if callback is not None:
-                    callback(rec)
-            return cb
-
         # 1. the teacher: plain fine-tuning of a copy
         teacher = copy_of(model)
         t_cfg = replace(cfg, epochs=cfg.teacher_epochs)
         t_params = list(teacher.parameters())
         t_hist = finetune(teacher, t_params, train_set, t_cfg, holdout=holdout,
-                          optimizer=self._optimizer(t_params), scheduler=self.scheduler(cfg.teacher_epochs),
-                          progress=progress, callback=tagged("teacher"), desc=f"{self.name} teacher")
+                          optimizer=make_optimizer(t_params, cfg, nesterov=cfg.nesterov),
+                          scheduler=self.scheduler(cfg.teacher_epochs), progress=progress,
+                          callback=labelled(callback, "stage", "teacher"), desc=f"{self.name} teacher")
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -170,14 +157,14 @@ class NAD(BaselineDefense):
         s_params = list(student.parameters())
         try:
             s_hist = finetune(student, s_params, train_set, cfg, holdout=holdout, penalty=distill,
-                              optimizer=self._optimizer(s_params), scheduler=self.scheduler(),
-                              progress=progress, callback=tagged("student"), desc=self.name)
+                              optimizer=make_optimizer(s_params, cfg, nesterov=cfg.nesterov),
+                              scheduler=self.scheduler(), progress=progress,
+                              callback=labelled(callback, "stage", "student"), desc=self.name)
         finally:
             s_cap.remove()
             t_cap.remove()
         history = t_hist + s_hist
         self.make_report(train_set, holdout, sum(p.numel() for p in s_params),
-                         {"total": time.perf_counter() - t_start, "setup": 0.0, "teacher": teacher_s,
-                          "train": sum(r["seconds"] for r in history)}, history,
+                         {"total": time.perf_counter() - t_start, "setup": 0.0, "teacher": teacher_s}, history,
                          layers=layers, betas=list(cfg.betas))
         return student.eval()

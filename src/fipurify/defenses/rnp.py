@@ -33,9 +33,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback, as_dataset, check_clean_set
+from .base import Defense, DefenseConfig, EpochCallback, labelled
 from .loop import finetune
-from .split import holdout_split
 
 
 @dataclass
@@ -96,20 +95,12 @@ class RNP(Defense):
     name = "rnp"
     config_class = RNPConfig
 
-    @classmethod
-    def paper_schedule(cls) -> dict[str, Any]:
-        """This method's own schedule, for the registry's fixed options (a dataset preset holds FIP's)."""
-        c = cls.config_class()
-        return {"epochs": c.epochs, "lr": c.lr, "milestones": c.milestones, "gamma": c.gamma}
-
     def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
                progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
         cfg: RNPConfig = self.config
-        data = as_dataset(clean_data)
-        check_clean_set(data, cfg.min_clean, model)
+        train_set, holdout = self.clean_split(model, clean_data)
         if not batchnorm_layers(model):
             raise ConfigError("RNP prunes batch-norm channels, and this model has no batch-norm layer")
-        train_set, holdout = holdout_split(data, cfg.holdout, cfg.seed)
         t_start = time.perf_counter()
         torch.manual_seed(cfg.seed)
 
@@ -149,18 +140,14 @@ class RNP(Defense):
             for mk in masks:
                 mk.clamp_(0.0, 1.0)
 
-        def tag(rec: dict[str, Any]) -> None:
-            rec["phase"] = "recover"
-            if callback is not None:
-                callback(rec)
-
         rcfg = DefenseConfig(epochs=cfg.recover_epochs, lr=cfg.recover_lr, momentum=cfg.recover_momentum,
                              weight_decay=0.0, batch_size=cfg.batch_size, milestones=(), gamma=1.0,
                              augment=cfg.augment, flip=cfg.flip, holdout=cfg.holdout, min_clean=cfg.min_clean,
                              seed=cfg.seed, bn_mode="train", grad_clip=None).validate()
         try:
             history += finetune(unlearned, masks, train_set, rcfg, holdout=holdout, post_step=clip,
-                                progress=progress, callback=tag, desc="rnp: recovering", objective=recover)
+                                progress=progress, callback=labelled(callback, "phase", "recover"),
+                                desc="rnp: recovering", objective=recover)
         finally:
             for hd in handles:
                 hd.remove()
@@ -186,14 +173,10 @@ class RNP(Defense):
         self.masks = {name: mk.detach().cpu() for (name, _), mk in zip(layers, masks)}
         total = time.perf_counter() - t_start
         n_unlearn = sum(1 for r in history if r.get("phase") == "unlearn")
-        self.report = {"method": self.name, "config": cfg.to_dict(),
-                       "n_clean_train": len(train_set), "n_holdout": len(holdout) if holdout is not None else 0,
-                       "n_trainable": int(sum(p.numel() for p in params)), "n_masks": int(values.numel()),
-                       "unlearn_epochs_run": n_unlearn,
-                       "threshold_reached": bool(n_unlearn and history[n_unlearn - 1]["train_acc"]
-                                                 <= cfg.clean_threshold),
-                       "n_pruned": len(pruned), "pruned": pruned,
-                       "seconds": {"total": total, "setup": 0.0, "unlearn": unlearn_s, "recover": recover_s,
-                                   "train": sum(r["seconds"] for r in history)},
-                       "history": history}
+        self.make_report(train_set, holdout, sum(p.numel() for p in params),
+                         {"total": total, "setup": 0.0, "unlearn": unlearn_s, "recover": recover_s}, history,
+                         n_masks=int(values.numel()), unlearn_epochs_run=n_unlearn,
+                         threshold_reached=bool(n_unlearn and history[n_unlearn - 1]["train_acc"]
+                                                <= cfg.clean_threshold),
+                         n_pruned=len(pruned), pruned=pruned)
         return purified.eval()

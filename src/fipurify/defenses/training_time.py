@@ -13,7 +13,7 @@ there is one training loop. After :meth:`TrainingDefense.train` the defense hold
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
 from ..validation import check_optimisation
-from .base import DefenseConfig, EpochCallback, as_dataset
+from .base import Configured, DefenseConfig, EpochCallback, Options, as_dataset, labelled
+from .loop import make_optimizer
 
 
 @dataclass
-class TrainingDefenseConfig:
+class TrainingDefenseConfig(Options):
     """Optimiser settings shared by the phases of a training-time defense (SGD + Nesterov)."""
     batch_size: int = 64
     lr: float = 0.1
@@ -43,17 +44,10 @@ class TrainingDefenseConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    def updated(self, **overrides: Any) -> "TrainingDefenseConfig":
-        """A copy with ``overrides`` applied; unknown names raise ConfigError."""
-        known = {f.name for f in fields(self)}
-        bad = sorted(set(overrides) - known)
-        if bad:
-            raise ConfigError(f"unknown option(s) for {type(self).__name__}: {', '.join(bad)}; "
-                              f"known: {', '.join(sorted(known))}")
+    def _coerce(self, overrides: dict[str, Any]) -> None:
         for f in fields(self):  # JSON lists from the CLI become the tuples the dataclass holds
             if f.name in overrides and isinstance(getattr(self, f.name), tuple) and overrides[f.name] is not None:
                 overrides[f.name] = tuple(overrides[f.name])
-        return replace(self, **overrides).validate()
 
     def phase(self, epochs: int, lr: float | None = None, milestones: tuple[int, ...] = (),
               gamma: float = 0.1, **kw: Any) -> DefenseConfig:
@@ -74,8 +68,7 @@ def check_count(name: str, value: int, minimum: int = 0) -> None:
 
 def sgd(params, cfg: DefenseConfig) -> torch.optim.SGD:
     """SGD with Nesterov momentum (as the ABL and CBD reference trainings use)."""
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.momentum > 0)
+    return make_optimizer(params, cfg, nesterov=cfg.momentum > 0)
 
 
 def check_train_set(dataset: Dataset, model: nn.Module) -> None:
@@ -118,11 +111,7 @@ def per_sample_loss(model: nn.Module, dataset: Dataset, batch_size: int = 256) -
 
 def tag(phase: str, callback: EpochCallback | None) -> EpochCallback:
     """A callback that labels each record with ``phase`` before passing it on."""
-    def cb(rec: dict[str, Any]) -> None:
-        rec["phase"] = phase
-        if callback is not None:
-            callback(rec)
-    return cb
+    return labelled(callback, "phase", phase)
 
 
 def format_record(rec: dict[str, Any]) -> str:
@@ -132,18 +121,12 @@ def format_record(rec: dict[str, Any]) -> str:
     return f"{rec.get('phase', '')} epoch {rec['epoch']:3d}  {terms}  lr {rec['lr']:.4g}  ({rec['seconds']:.1f}s)"
 
 
-class TrainingDefense(ABC):
+class TrainingDefense(Configured, ABC):
     """Base class: configure in the constructor, train from scratch in :meth:`train`."""
 
     name: ClassVar[str] = "training-defense"
     config_class: ClassVar[type[TrainingDefenseConfig]] = TrainingDefenseConfig
-
-    def __init__(self, config: TrainingDefenseConfig | None = None, **overrides: Any):
-        cfg = config if config is not None else self.config_class()
-        if not isinstance(cfg, self.config_class):
-            raise ConfigError(f"{self.name} takes a {self.config_class.__name__}, got {type(cfg).__name__}")
-        self.config = cfg.updated(**overrides) if overrides else cfg.validate()
-        self.report: dict[str, Any] = {}
+    config: TrainingDefenseConfig
 
     @abstractmethod
     def train(self, model: nn.Module, poisoned_train_set: Dataset | DataLoader, *,
@@ -155,6 +138,14 @@ class TrainingDefense(ABC):
         check_train_set(dataset, model)
         torch.manual_seed(self.config.seed)
         return dataset
+
+    def make_report(self, train_set: Dataset, n_trainable: int, seconds: dict[str, float],
+                    history: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        """Fill ``self.report`` with the fields every training-time defense reports, ``extra``
+        method-specific ones."""
+        self.report = {"method": self.name, "config": self.config.to_dict(), "n_train": len(train_set),
+                       "n_trainable": int(n_trainable), **extra, "seconds": dict(seconds), "history": history}
+        return self.report
 
 
 def _registry() -> dict[str, type[TrainingDefense]]:
