@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from fipurify import attacks, models
-from fipurify.attacks.bppa import quantize_levels
+from fipurify.attacks.bppa import QuantizeTrigger, quantize_levels
 from fipurify.attacks.cba import HalfMixTrigger
+from fipurify.attacks.triggers import trigger_from_spec
 from fipurify.attacks.wanet import BICUBIC_GAIN, WarpTrigger
 from fipurify.cli import main
 from fipurify.datasets.synthetic import synthetic
@@ -248,6 +249,20 @@ def test_bppa_trigger_levels_and_quantisation_step(train):
     assert torch.isin(dithered, torch.arange(32, dtype=torch.float32) / 31).all()
     assert not torch.equal(dithered, clean)
     assert (dithered - clean).abs().mean().item() < 2 / 31              # error diffused, small on average
+
+
+@pytest.mark.parametrize("trigger", [WarpTrigger(k=3, s=0.75, grid_rescale=0.98, field_seed=5),
+                                     QuantizeTrigger(bits=3, dither=False), QuantizeTrigger(bits=4)],
+                         ids=["warp", "quantize", "quantize-dither"])
+def test_warp_and_quantize_triggers_rebuild_from_spec(trigger):
+    spec = json.loads(json.dumps(trigger.to_spec()))
+    again = trigger_from_spec(spec)
+    assert type(again) is type(trigger)
+    assert again.to_spec() == trigger.to_spec()
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.apply(x), trigger.apply(x))
+    with pytest.raises(ConfigError, match="bad"):
+        trigger_from_spec({**spec, "unknown_option": 1})
 
 
 def test_bppa_poisoned_set_negatives_and_all2all(train, test_set):

@@ -8,6 +8,7 @@ labelled with the attack target, plus their true labels). Evaluation code comput
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 from typing import Any, Sequence
@@ -46,9 +47,11 @@ def dataset_num_classes(dataset: Any, fallback: int | None = None) -> int:
     return int(n)
 
 
-def _stack_images(dataset: Any, indices: np.ndarray, trigger: Trigger, flags: np.ndarray,
+def _stack_images(dataset: Any, indices: np.ndarray, trigger: Trigger | None, flags: np.ndarray,
                   chunk: int = 1024) -> torch.Tensor:
     """Images ``dataset[indices]`` as one N x C x H x W float tensor, triggered where ``flags``.
+
+    ``trigger`` may be ``None`` when no flag is set (see :func:`stack_clean`).
 
     Fast path for ArrayDataset-like inputs (uint8 N x H x W x C ``images``): converted and
     triggered in chunks with the same element-wise operations as per-item access, so the
@@ -73,6 +76,60 @@ def _stack_images(dataset: Any, indices: np.ndarray, trigger: Trigger, flags: np
     return torch.cat(parts)
 
 
+def stack_clean(dataset: Any, indices: np.ndarray) -> torch.Tensor:
+    """Clean images ``dataset[indices]`` as one N x C x H x W float tensor (equal to item access)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return _stack_images(dataset, indices, None, np.zeros(len(indices), dtype=bool))
+
+
+def data_digest(dataset: Any) -> str:
+    """SHA-256 over a dataset's images and labels (what learned triggers are trained on).
+
+    Fast path for uint8 ``images`` arrays; other datasets hash their float images. Part of
+    the cache keys of prepared attacks, so it must not change.
+    """
+    h = hashlib.sha256()
+    labels = dataset_labels(dataset)
+    images = getattr(dataset, "images", None)
+    if isinstance(images, np.ndarray) and len(images) == len(labels):
+        h.update(f"{images.dtype}|{images.shape}|".encode())
+        h.update(np.ascontiguousarray(images).tobytes())
+    else:
+        for start in range(0, len(labels), 1024):
+            x = stack_clean(dataset, np.arange(start, min(start + 1024, len(labels))))
+            h.update(x.numpy().tobytes())
+    h.update(labels.tobytes())
+    return h.hexdigest()
+
+
+def choose_poisoned(attack: "Attack", labels: np.ndarray) -> tuple[np.ndarray, np.random.Generator]:
+    """The sorted indices :meth:`Attack.poison` poisons, and the generator after the draw.
+
+    ``round(poison_rate * n_eligible)`` eligible samples drawn with
+    ``numpy.random.default_rng(seed)``; attacks that alter more samples draw them from the
+    returned generator afterwards.
+    """
+    candidates = np.flatnonzero(attack.eligible(labels))
+    if len(candidates) == 0:
+        what = f"of target class {attack.target}" if attack.clean_label else "outside the target class"
+        raise DataError(f"{attack.name}: the dataset has no samples {what} to poison")
+    k = round(attack.poison_rate * len(candidates))
+    if k == 0:
+        raise ConfigError(f"poison_rate {attack.poison_rate} of {len(candidates)} eligible samples "
+                          f"poisons none; raise the rate")
+    rng = np.random.default_rng(attack.seed)
+    chosen = np.sort(rng.choice(candidates, size=k, replace=False))
+    return chosen, rng
+
+
+def _class_info(ds: Any, dataset: Any, num_classes: int, name: str | None, prefix: str) -> None:
+    """Set ``classes``, ``num_classes`` and ``name`` of a derived dataset ``ds`` wrapping ``dataset``."""
+    classes = getattr(dataset, "classes", None)
+    ds.classes = list(classes) if classes is not None else [str(c) for c in range(num_classes)]
+    ds.num_classes = int(num_classes)
+    ds.name = name or f"{prefix}-{getattr(dataset, 'name', 'dataset')}"
+
+
 # --------------------------------------------------------------------------- datasets
 class PoisonedDataset(Dataset):
     """A training set in which some samples carry the trigger (applied lazily at access).
@@ -94,10 +151,7 @@ class PoisonedDataset(Dataset):
         self.labels = np.asarray(labels, dtype=np.int64)
         if not (len(self.original_label) == len(self.poison_flag) == len(self.labels) == n):
             raise DataError("poison flags and labels must have one entry per sample")
-        classes = getattr(dataset, "classes", None)
-        self.classes = list(classes) if classes is not None else [str(c) for c in range(num_classes)]
-        self.num_classes = int(num_classes)
-        self.name = name or f"poisoned-{getattr(dataset, 'name', 'dataset')}"
+        _class_info(self, dataset, num_classes, name, "poisoned")
 
     @property
     def poison_indices(self) -> np.ndarray:
@@ -146,10 +200,7 @@ class BackdoorTestSet(Dataset):
         self.targets = np.asarray(targets, dtype=np.int64)
         if not (len(self.original_index) == len(self.true_labels) == len(self.targets)):
             raise DataError("indices, true labels and targets must have the same length")
-        classes = getattr(dataset, "classes", None)
-        self.classes = list(classes) if classes is not None else [str(c) for c in range(num_classes)]
-        self.num_classes = int(num_classes)
-        self.name = name or f"backdoor-{getattr(dataset, 'name', 'dataset')}"
+        _class_info(self, dataset, num_classes, name, "backdoor")
 
     @property
     def labels(self) -> np.ndarray:
@@ -285,16 +336,7 @@ class Attack:
         """Poison a training set; see the class docstring for which samples and how many."""
         n_classes = self._bind(dataset)
         labels = dataset_labels(dataset)
-        candidates = np.flatnonzero(self.eligible(labels))
-        if len(candidates) == 0:
-            what = f"of target class {self.target}" if self.clean_label else "outside the target class"
-            raise DataError(f"{self.name}: the dataset has no samples {what} to poison")
-        k = round(self.poison_rate * len(candidates))
-        if k == 0:
-            raise ConfigError(f"poison_rate {self.poison_rate} of {len(candidates)} eligible samples "
-                              f"poisons none; raise the rate")
-        rng = np.random.default_rng(self.seed)
-        chosen = np.sort(rng.choice(candidates, size=k, replace=False))
+        chosen, _ = choose_poisoned(self, labels)
         flags = np.zeros(len(labels), dtype=bool)
         flags[chosen] = True
         new_labels = labels.copy()
@@ -363,4 +405,4 @@ def from_spec(spec: dict) -> Attack:
 
 
 __all__ = ["Attack", "PoisonedDataset", "BackdoorTestSet", "from_spec", "dataset_labels",
-           "dataset_num_classes", "trigger_from_spec", "MODES"]
+           "dataset_num_classes", "stack_clean", "data_digest", "choose_poisoned", "trigger_from_spec", "MODES"]

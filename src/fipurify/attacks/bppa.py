@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from .base import Attack, dataset_labels
 from .rendered import (RenderedBackdoorTestSet, RenderedPoisonedDataset, choose_cover, choose_poisoned,
                        stack_clean)
-from .triggers import Trigger, _batched
+from .triggers import Trigger, _batched, register_trigger
 
 _CHUNK = 1024
 
@@ -47,6 +47,7 @@ def quantize_levels(x: np.ndarray, levels: int, dither: bool) -> np.ndarray:
     return out
 
 
+@register_trigger
 class QuantizeTrigger(Trigger):
     """Squeeze every channel to ``2 ** bits`` evenly spaced levels (``k / (2**bits - 1)``).
 

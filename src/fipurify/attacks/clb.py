@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelFileError
 from .badnets import checkerboard
-from .base import Attack, dataset_labels
+from .base import Attack, data_digest, dataset_labels
 from .rendered import RenderedPoisonedDataset, choose_poisoned, stack_clean
 from .triggers import PatchTrigger, Trigger, _batched
 
@@ -75,22 +75,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
-
-
-def data_digest(dataset: Any) -> str:
-    """SHA-256 over a dataset's images and labels (fast path for uint8 ``images`` arrays)."""
-    h = hashlib.sha256()
-    labels = dataset_labels(dataset)
-    images = getattr(dataset, "images", None)
-    if isinstance(images, np.ndarray) and len(images) == len(labels):
-        h.update(f"{images.dtype}|{images.shape}|".encode())
-        h.update(np.ascontiguousarray(images).tobytes())
-    else:
-        for start in range(0, len(labels), 1024):
-            x = stack_clean(dataset, np.arange(start, min(start + 1024, len(labels))))
-            h.update(x.numpy().tobytes())
-    h.update(labels.tobytes())
     return h.hexdigest()
 
 

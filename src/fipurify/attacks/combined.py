@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from .base import Attack, dataset_labels
-from .rendered import RenderedBackdoorTestSet, RenderedPoisonedDataset
+from .rendered import RenderedBackdoorTestSet, RenderedPoisonedDataset, Renderer
 from .triggers import Trigger, _batched
 
 
@@ -32,6 +32,21 @@ class TriggerSet(Trigger):
 
     def to_spec(self) -> dict:
         return {"type": self.kind, "triggers": [t.to_spec() for t in self.triggers]}
+
+
+def _component_renderer(component: np.ndarray, triggers: Sequence[Trigger]) -> Renderer:
+    """Renderer that applies ``triggers[component[p]]`` to the image at position ``p``."""
+
+    def render(positions: np.ndarray, images: torch.Tensor) -> torch.Tensor:
+        out = images.clone()
+        comp = component[positions]
+        for i, t in enumerate(triggers):
+            sel = comp == i
+            if sel.any():
+                out[torch.from_numpy(sel)] = t.apply(images[torch.from_numpy(sel)])
+        return out
+
+    return render
 
 
 class Combined(Attack):
@@ -109,17 +124,7 @@ class Combined(Attack):
         flags = component >= 0
         new_labels = labels.copy()
         new_labels[flags] = self.targets_for(labels[flags])
-        triggers = self.trigger.triggers
-
-        def render(positions: np.ndarray, images: torch.Tensor) -> torch.Tensor:
-            out = images.clone()
-            comp = component[positions]
-            for i, t in enumerate(triggers):
-                sel = comp == i
-                if sel.any():
-                    out[torch.from_numpy(sel)] = t.apply(images[torch.from_numpy(sel)])
-            return out
-
+        render = _component_renderer(component, self.trigger.triggers)
         ds = RenderedPoisonedDataset(dataset, self.trigger, flags, new_labels, labels, n_classes, render)
         ds.component, ds.component_names = component, list(self.component_names)
         return ds
@@ -129,17 +134,7 @@ class Combined(Attack):
         n_classes = self._bind(dataset)
         parts = [a.backdoor_test_set(dataset) for a in self.components]
         component = np.concatenate([np.full(len(p), i, dtype=np.int64) for i, p in enumerate(parts)])
-        triggers = self.trigger.triggers
-
-        def render(positions: np.ndarray, images: torch.Tensor) -> torch.Tensor:
-            out = images.clone()
-            comp = component[positions]
-            for i, t in enumerate(triggers):
-                sel = comp == i
-                if sel.any():
-                    out[torch.from_numpy(sel)] = t.apply(images[torch.from_numpy(sel)])
-            return out
-
+        render = _component_renderer(component, self.trigger.triggers)
         ds = RenderedBackdoorTestSet(dataset, self.trigger, np.concatenate([p.original_index for p in parts]),
                                      np.concatenate([p.true_labels for p in parts]),
                                      np.concatenate([p.targets for p in parts]), n_classes, render)

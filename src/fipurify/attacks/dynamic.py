@@ -35,9 +35,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .base import _stack_images
+from .base import stack_clean
 from .generative import (ConvAutoencoder, GeneratedPoisonedDataset, GeneratorAttack, ImageSource, SmallCNN,
-                         nonneg_int, positive_int, real_in, rms_distance)
+                         nonneg_int, real_in, rms_distance)
 
 
 def _mask_of(raw: torch.Tensor) -> torch.Tensor:
@@ -77,12 +77,8 @@ class Dynamic(GeneratorAttack):
         self.lambda_norm = real_in("lambda_norm", lambda_norm, 0.0, 1e6)
         self.mask_density = real_in("mask_density", mask_density, 0.0, 1.0, low_open=True)
         self.mask_epochs = nonneg_int("mask_epochs", mask_epochs)
-        self.gen_epochs = positive_int("gen_epochs", gen_epochs)
-        self.gen_width = positive_int("gen_width", gen_width)
-        self.clf_width = positive_int("clf_width", clf_width)
-        self.gen_lr = real_in("gen_lr", gen_lr, 0.0, 10.0, low_open=True)
-        self.clf_lr = real_in("clf_lr", clf_lr, 0.0, 10.0, low_open=True)
-        self.gen_batch_size = positive_int("gen_batch_size", gen_batch_size)
+        self._set_generator_options(gen_epochs, gen_width, gen_lr, gen_batch_size)
+        self._set_surrogate_options(clf_width, clf_lr)
         self.finish_init()
 
     def generator_options(self) -> dict:
@@ -185,7 +181,7 @@ class Dynamic(GeneratorAttack):
         rng = np.random.default_rng([self.seed, 1])
         rows = np.sort(rng.choice(free, size=k, replace=False))
         partners = (rows + rng.integers(1, len(poisoned), size=k)) % len(poisoned)  # never the image itself
-        cross_imgs = [self.cross(_clean_rows(dataset, rows[s:s + 256]), _clean_rows(dataset, partners[s:s + 256]))
+        cross_imgs = [self.cross(stack_clean(dataset, rows[s:s + 256]), stack_clean(dataset, partners[s:s + 256]))
                       for s in range(0, k, 256)]
         all_rows = np.concatenate([poisoned.modified_index, rows])
         all_imgs = torch.cat([poisoned._images, *cross_imgs])
@@ -195,8 +191,4 @@ class Dynamic(GeneratorAttack):
         partner = np.full(len(poisoned), -1, dtype=np.int64)
         partner[rows] = partners
         return GeneratedPoisonedDataset(poisoned, all_rows[order], all_imgs[torch.from_numpy(order)], flag, partner)
-
-
-def _clean_rows(dataset, rows: np.ndarray) -> torch.Tensor:
-    return _stack_images(dataset, rows, None, np.zeros(len(rows), dtype=bool))
 

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .custom import load_pattern, serialise_source
-from .generative import ConvAutoencoder, GeneratorAttack, ImageSource, positive_int, real_in
+from .generative import ConvAutoencoder, GeneratorAttack, ImageSource, real_in
 from .triggers import _resize, match_channels
 
 
@@ -98,10 +98,7 @@ class FBA(GeneratorAttack):
         self._style = None if style is None else load_pattern(style, "FBA style image")[0]
         self.style_weight = real_in("style_weight", style_weight, 0.0, 1e9)
         self.content_weight = real_in("content_weight", content_weight, 0.0, 1e9)
-        self.gen_epochs = positive_int("gen_epochs", gen_epochs)
-        self.gen_width = positive_int("gen_width", gen_width)
-        self.gen_lr = real_in("gen_lr", gen_lr, 0.0, 10.0, low_open=True)
-        self.gen_batch_size = positive_int("gen_batch_size", gen_batch_size)
+        self._set_generator_options(gen_epochs, gen_width, gen_lr, gen_batch_size)
         self.finish_init()
 
     def style_image(self, shape: tuple[int, int, int]) -> torch.Tensor:

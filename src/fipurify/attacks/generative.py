@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError, ModelFileError
-from .base import Attack, BackdoorTestSet, PoisonedDataset, _stack_images, dataset_labels
+from .base import Attack, BackdoorTestSet, PoisonedDataset, data_digest, dataset_labels, stack_clean
 from .triggers import Trigger, _batched
 
 #: Subfolder of the fipurify cache that holds the trained generators.
@@ -95,24 +95,6 @@ def image_shape_of(dataset: Any) -> tuple[int, int, int]:
     return tuple(int(s) for s in shape)
 
 
-def data_digest(dataset: Any) -> str:
-    """SHA-256 over the dataset's images and labels (what a generator is trained on)."""
-    h = hashlib.sha256()
-    labels = dataset_labels(dataset)
-    images = getattr(dataset, "images", None)
-    if isinstance(images, np.ndarray) and len(images) == len(dataset):
-        h.update(f"{images.dtype}|{images.shape}|".encode())
-        h.update(np.ascontiguousarray(images).tobytes())
-    else:
-        n = len(dataset)
-        for start in range(0, n, _CHUNK):
-            idx = np.arange(start, min(start + _CHUNK, n))
-            x = _stack_images(dataset, idx, None, np.zeros(len(idx), dtype=bool))
-            h.update(x.numpy().tobytes())
-    h.update(labels.tobytes())
-    return h.hexdigest()
-
-
 class ImageSource:
     """Training images served in batches as float N x C x H x W tensors in [0, 1].
 
@@ -129,7 +111,7 @@ class ImageSource:
         else:
             n = len(dataset)
             self._u8 = None
-            self._float = _stack_images(dataset, np.arange(n), None, np.zeros(n, dtype=bool))
+            self._float = stack_clean(dataset, np.arange(n))
         self.labels = torch.from_numpy(dataset_labels(dataset).copy())
 
     def __len__(self) -> int:
@@ -228,7 +210,7 @@ class GeneratedPoisonedDataset(PoisonedDataset):
         return img, int(self.labels[index])
 
     def as_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x = _stack_images(self.dataset, self.original_index, self.trigger, np.zeros(len(self), dtype=bool))
+        x = stack_clean(self.dataset, self.original_index)
         if len(self.modified_index):
             x[torch.from_numpy(self.modified_index)] = self._images
         return x, torch.from_numpy(self.labels.copy())
@@ -327,6 +309,18 @@ class GeneratorAttack(Attack):
         if self.image_shape is None or self.num_classes is None:
             raise ConfigError(f"{self.name}: a spec naming a generator must also give image_shape and num_classes")
         self._load(ref)
+
+    def _set_generator_options(self, gen_epochs: Any, gen_width: Any, gen_lr: Any, gen_batch_size: Any) -> None:
+        """Check and keep the generator-training options every generator attack has."""
+        self.gen_epochs = positive_int("gen_epochs", gen_epochs)
+        self.gen_width = positive_int("gen_width", gen_width)
+        self.gen_lr = real_in("gen_lr", gen_lr, 0.0, 10.0, low_open=True)
+        self.gen_batch_size = positive_int("gen_batch_size", gen_batch_size)
+
+    def _set_surrogate_options(self, clf_width: Any, clf_lr: Any) -> None:
+        """Check and keep the options of the surrogate classifier trained alongside the generator."""
+        self.clf_width = positive_int("clf_width", clf_width)
+        self.clf_lr = real_in("clf_lr", clf_lr, 0.0, 10.0, low_open=True)
 
     # -- subclass hooks -------------------------------------------------------------------
     def generator_options(self) -> dict:  # pragma: no cover - abstract
@@ -473,8 +467,7 @@ class GeneratorAttack(Attack):
         parts = []
         for start in range(0, len(rows), _CHUNK):
             idx = rows[start:start + _CHUNK]
-            x = _stack_images(dataset, idx, None, np.zeros(len(idx), dtype=bool))
-            parts.append(self.trigger.apply(x))
+            parts.append(self.trigger.apply(stack_clean(dataset, idx)))
         c, h, w = self.image_shape
         return torch.cat(parts) if parts else torch.empty(0, c, h, w)
 

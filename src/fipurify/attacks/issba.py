@@ -77,10 +77,7 @@ class ISSBA(GeneratorAttack):
         self.secret = secret
         self.code_bits = positive_int("code_bits", code_bits)
         self.img_weight = real_in("img_weight", img_weight, 0.0, 1e6)
-        self.gen_epochs = positive_int("gen_epochs", gen_epochs)
-        self.gen_width = positive_int("gen_width", gen_width)
-        self.gen_lr = real_in("gen_lr", gen_lr, 0.0, 10.0, low_open=True)
-        self.gen_batch_size = positive_int("gen_batch_size", gen_batch_size)
+        self._set_generator_options(gen_epochs, gen_width, gen_lr, gen_batch_size)
         self.finish_init()
 
     @property

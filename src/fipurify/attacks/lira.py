@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .generative import ConvAutoencoder, GeneratorAttack, ImageSource, SmallCNN, positive_int, real_in
+from .generative import ConvAutoencoder, GeneratorAttack, ImageSource, SmallCNN, real_in
 
 
 class LIRA(GeneratorAttack):
@@ -52,12 +52,8 @@ class LIRA(GeneratorAttack):
         super().__init__(target, poison_rate, mode, seed, num_classes, image_shape, generator, cache_dir)
         self.eps = real_in("eps", eps, 0.0, 1.0, low_open=True)
         self.alpha = real_in("alpha", alpha, 0.0, 1.0)
-        self.gen_epochs = positive_int("gen_epochs", gen_epochs)
-        self.gen_width = positive_int("gen_width", gen_width)
-        self.clf_width = positive_int("clf_width", clf_width)
-        self.gen_lr = real_in("gen_lr", gen_lr, 0.0, 10.0, low_open=True)
-        self.clf_lr = real_in("clf_lr", clf_lr, 0.0, 10.0, low_open=True)
-        self.gen_batch_size = positive_int("gen_batch_size", gen_batch_size)
+        self._set_generator_options(gen_epochs, gen_width, gen_lr, gen_batch_size)
+        self._set_surrogate_options(clf_width, clf_lr)
         self.finish_init()
 
     def generator_options(self) -> dict:

@@ -21,32 +21,14 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .base import BackdoorTestSet, PoisonedDataset, _stack_images
+from .base import BackdoorTestSet, PoisonedDataset, choose_poisoned, stack_clean
 from .triggers import Trigger
+
+# choose_poisoned and stack_clean live in base (Attack.poison uses them) and stay importable here.
 
 Renderer = Callable[[np.ndarray, torch.Tensor], torch.Tensor]
 
 _CHUNK = 1024
-
-
-def choose_poisoned(attack: Any, labels: np.ndarray) -> tuple[np.ndarray, np.random.Generator]:
-    """The samples the base :meth:`Attack.poison` would poison, and the generator after the draw.
-
-    Same rule and same random draw as the base class (so ``poison_flag`` matches a plain
-    attack with the same seed); attacks draw their extra samples from the returned
-    generator afterwards.
-    """
-    candidates = np.flatnonzero(attack.eligible(labels))
-    if len(candidates) == 0:
-        what = f"of target class {attack.target}" if attack.clean_label else "outside the target class"
-        raise DataError(f"{attack.name}: the dataset has no samples {what} to poison")
-    k = round(attack.poison_rate * len(candidates))
-    if k == 0:
-        raise ConfigError(f"poison_rate {attack.poison_rate} of {len(candidates)} eligible samples "
-                          f"poisons none; raise the rate")
-    rng = np.random.default_rng(attack.seed)
-    chosen = np.sort(rng.choice(candidates, size=k, replace=False))
-    return chosen, rng
 
 
 def choose_cover(rng: np.random.Generator, n_total: int, taken: np.ndarray, count: int,
@@ -59,22 +41,6 @@ def choose_cover(rng: np.random.Generator, n_total: int, taken: np.ndarray, coun
         raise ConfigError(f"{what}: {count} extra samples are needed but only {len(free)} "
                           f"unpoisoned samples exist; lower the ratio or the poison rate")
     return np.sort(rng.choice(free, size=count, replace=False))
-
-
-def stack_clean(dataset: Any, indices: np.ndarray) -> torch.Tensor:
-    """Clean images ``dataset[indices]`` as one N x C x H x W float tensor (equal to item access)."""
-    indices = np.asarray(indices, dtype=np.int64)
-    return _stack_images(dataset, indices, _NoTrigger(), np.zeros(len(indices), dtype=bool))
-
-
-class _NoTrigger(Trigger):
-    kind = "none"
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:  # never called: no flags are set
-        return x.clone()
-
-    def to_spec(self) -> dict:
-        return {"type": self.kind}
 
 
 def _render_into(x: torch.Tensor, positions: np.ndarray, render: Renderer) -> None:

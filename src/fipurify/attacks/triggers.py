@@ -310,6 +310,16 @@ class SinusoidalTrigger(Trigger):
 _TRIGGERS = {cls.kind: cls for cls in (PatchTrigger, BlendTrigger, SinusoidalTrigger)}
 
 
+def register_trigger(cls: type[Trigger]) -> type[Trigger]:
+    """Class decorator: let :func:`trigger_from_spec` rebuild ``cls`` from its ``to_spec()``.
+
+    For triggers defined in attack modules (which import this one); ``to_spec()`` must give
+    ``type`` plus exactly the constructor's keyword arguments.
+    """
+    _TRIGGERS[cls.kind] = cls
+    return cls
+
+
 def trigger_from_spec(spec: dict) -> Trigger:
     """Rebuild a trigger from ``Trigger.to_spec()`` output."""
     if not isinstance(spec, dict) or spec.get("type") not in _TRIGGERS:

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from ..errors import ConfigError, DataError
 from .base import Attack, dataset_labels
 from .rendered import RenderedPoisonedDataset, choose_cover, choose_poisoned
-from .triggers import Trigger, _batched
+from .triggers import Trigger, _batched, register_trigger
 
 #: Largest sum of |weights| of 2-D bicubic interpolation (a = -0.75): 1.375 per axis. The
 #: upsampled control grid can overshoot the control values by at most this factor.
 BICUBIC_GAIN = 1.375 ** 2
 
 
+@register_trigger
 class WarpTrigger(Trigger):
     """Warp the image along a fixed random smooth field (WaNet's trigger).
 
