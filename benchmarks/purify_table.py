@@ -59,7 +59,7 @@ def worker(attack: str, method: str, clean_size: int, options: dict) -> dict:
     after = evaluate_saved(out, meta, bundle=bundle)
     hist = d.report["history"]
     return {**row, **after, "der": defense_effectiveness_rate(before, after), "seconds": secs,
-            "epoch_s": sum(h["seconds"] for h in hist) / len(hist), "setup_s": d.report["seconds"]["setup"],
+            "epoch_s": sum(h["seconds"] for h in hist) / len(hist) if hist else None, "setup_s": d.report["seconds"]["setup"],
             "peak_mb": max(peak, 0.0), "n_trainable": d.report["n_trainable"], "config": d.report["config"]}
 
 
