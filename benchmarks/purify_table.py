@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--out", default="purify_table")
     ap.add_argument("--resume", action="store_true", help="keep finished rows of results/OUT.json")
     ap.add_argument("--chart", action="store_true", help="also draw results/OUT_runtime.png")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="NAME",
+                    help="run nothing: combine results/NAME.json files (later ones win) into OUT")
     args = ap.parse_args()
     options = {}
     for kv in args.set:
@@ -94,6 +96,14 @@ def main() -> None:
     if args.resume and (RESULTS / f"{args.out}.json").exists():
         rows = json.loads((RESULTS / f"{args.out}.json").read_text())["rows"]
         done = {(r["attack"], r["method"]) for r in rows}
+    if args.merge:
+        merged: dict[tuple[str, str], dict] = {}
+        for name in args.merge:
+            for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"]:
+                merged[(r["attack"], r["method"])] = {**r, "source": name}
+        rows = [merged[k] for k in sorted(merged, key=lambda k: (k[0], k[1] != "none", k[1]))]
+        atomic_write_text(RESULTS / f"{args.out}.json", json.dumps({"options": options, "rows": rows}, indent=2))
+        methods = []
     for attack in args.attacks:
         for method in methods:
             if (attack, method) in done:
