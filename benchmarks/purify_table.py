@@ -125,11 +125,12 @@ def main() -> None:
     atomic_write_text(RESULTS / f"{args.out}.md", table + "\n")
     print(table)
     if args.chart:
-        runtime_chart(rows, RESULTS / f"{args.out}_runtime.png")
+        runtime_chart([r for r in rows if r["attack"] in args.attacks], RESULTS / f"{args.out}_runtime.png",
+                      ", ".join(args.attacks))
 
 
-def runtime_chart(rows: list[dict], path) -> None:
-    """Mean purification wall time per method over the attacks, as a horizontal bar chart."""
+def runtime_chart(rows: list[dict], path, attacks: str) -> None:
+    """Mean purification wall time per method over ``attacks``, as a horizontal bar chart."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -145,7 +146,7 @@ def runtime_chart(rows: list[dict], path) -> None:
     fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1))
     ax.barh(names, means, color=["tab:red" if m == "ffip" else "tab:gray" for m in names])
     ax.set_xlabel("purification wall time, s (mean over attacks)")
-    ax.set_title("Runtime per defense (CPU preset, 500 clean images)")
+    ax.set_title(f"Runtime per defense (CPU preset, 500 clean images; {attacks})")
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
