@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from fipurify.cli import parse_key_values
 from presets import ATTACKS, RESULTS, model_path
 
 METHODS = ["none", "ft", "fip", "ffip", "ffip-no-trf", "ffip-no-lr"]
@@ -76,13 +77,7 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", default=None, metavar="NAME",
                     help="run nothing: combine results/NAME.json files (later ones win) into OUT")
     args = ap.parse_args()
-    options = {}
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        try:
-            options[k] = json.loads(v)
-        except json.JSONDecodeError:
-            options[k] = v
+    options = parse_key_values(args.set)
     if args.worker:
         print(json.dumps(worker(*args.worker, args.clean_size, options)))
         return

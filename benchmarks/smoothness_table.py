@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from fipurify.cli import parse_key_values
 from presets import ATTACKS, RESULTS, ROOT, model_path
 
 METHODS = ["none", "ffip", "ft"]
@@ -127,13 +128,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the rows already in results/<out>.json")
     ap.add_argument("--worker", nargs=2, metavar=("ATTACK", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    options = {}
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        try:
-            options[k] = json.loads(v)
-        except json.JSONDecodeError:
-            options[k] = v
+    options = parse_key_values(args.set)
     if args.worker:
         print(json.dumps(worker(*args.worker, args, options)))
         return

@@ -24,11 +24,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="folder holding the datasets (default: $FIPURIFY_DATA, then ../shared/data)")
 
 
-def _parse_attack_kv(items: Sequence[str]) -> dict[str, Any]:
+def parse_key_values(items: Sequence[str] | None, flag: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` strings as a dict; each value is read as JSON, else kept as a string."""
     out: dict[str, Any] = {}
     for item in items or ():
         if "=" not in item:
-            raise FipurifyError(f"--attack-opt takes KEY=VALUE, got {item!r}")
+            raise FipurifyError(f"{flag} takes KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -55,7 +56,7 @@ def cmd_train(args) -> int:
     if args.attack != "none":
         attack = attacks.create(args.attack, target=args.target, poison_rate=args.poison_rate,
                                 seed=args.seed, **({"mode": args.mode} if args.mode else {}),
-                                **_parse_attack_kv(args.attack_opt))
+                                **parse_key_values(args.attack_opt, "--attack-opt"))
     defense = _training_defense(args)
     bundle = load_data(args.dataset, args.data_root, _reserve(args.reserve), args.seed, args.train_limit)
     if attack is not None and not 0 <= args.target < bundle.dataset_info["num_classes"]:
@@ -84,7 +85,7 @@ def _training_defense(args):
     from .defenses.training_time import create_training_defense
     if getattr(args, "smoothness_penalty", 0.0):
         raise FipurifyError("--smoothness-penalty cannot be combined with --defense")
-    options = {"seed": args.seed, "flip": not args.no_flip, **_parse_options(args.defense_opt)}
+    options = {"seed": args.seed, "flip": not args.no_flip, **_parse_options(args.defense_opt, "--defense-opt")}
     return create_training_defense(args.defense, **options)
 
 
@@ -107,8 +108,8 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _parse_options(items: Sequence[str]) -> dict[str, Any]:
-    out = _parse_attack_kv(items)
+def _parse_options(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
+    out = parse_key_values(items, flag)
     return {k.replace("-", "_"): v for k, v in out.items()}
 
 
