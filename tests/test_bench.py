@@ -325,3 +325,95 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
         assert final[key] == row
     for key in expected:  # same seeds -> the same numbers as the uninterrupted run
         assert final[key][:6] == expected[key][:6]
+
+
+# --------------------------------------------------------------------------- adopting models trained elsewhere
+def test_adopt_reuses_only_an_exactly_matching_model(tmp_path):
+    from fipurify.bench.adopt import adopt
+    from fipurify.bench.runner import BenchOptions, make_plan
+    from fipurify.bench import stages
+    from fipurify.io import load_model, save_model
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    spec = load_spec(tmp_path / "tiny.toml")
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        plan = make_plan(spec, BenchOptions(db=tmp_path / "r.sqlite", cache=tmp_path / "cache"), store)
+    assert len(plan.models) == 2 and not any(m["cached"] for m in plan.models.values())
+    key, m = next((k, m) for k, m in plan.models.items() if m["config"]["attack"]["name"] == "badnets")
+
+    # A model trained outside the runner (as `fipurify train` would): no bench metadata.
+    path, meta, _ = stages.train(m["config"], key, tmp_path / "elsewhere", log=lambda s: None)
+    model, meta = load_model(path)
+    del meta["bench"]
+    plain = save_model(model, tmp_path / "mine.safetensors", meta)
+    other = dict(meta, train_config={**meta["train_config"], "epochs": 2})
+    changed = save_model(model, tmp_path / "longer.safetensors", other)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x80\x04not a model")
+
+    files = [plain, changed, tmp_path / "junk.safetensors"]
+    dry = adopt(plan.models, files, dry_run=True)
+    assert [a.status for a in dry] == ["adopted", "no-match", "unreadable"], dry
+    assert not m["path"].exists()  # a dry run writes nothing
+
+    got = adopt(plan.models, files)
+    assert got[0].status == "adopted" and got[0].model_key == key and got[0].target == m["path"]
+    assert any("training.epochs: spec 1, file 2" in r for r in got[1].reasons)
+    adopted = stages.cached_model_meta(m["path"], key)
+    assert adopted is not None and adopted["bench"]["adopted_from"] == str(plain.resolve())
+    back, _ = load_model(m["path"])
+    assert all((a == b).all() for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+    assert adopt(plan.models, [plain])[0].status == "cached"
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        plan = make_plan(spec, BenchOptions(db=tmp_path / "r.sqlite", cache=tmp_path / "cache"), store)
+    assert plan.to_train() == [k for k in plan.models if k != key]
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_runner_leaves_no_worker_behind(tmp_path, sig):
+    # A long training task, so the kill lands while the worker is busy.
+    (tmp_path / "tiny.toml").write_text(TINY.replace("epochs = 1\nlr", "epochs = 200\nlr"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(_bench(tmp_path, "k", "--only", "badnets"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    logs = tmp_path / "k.sqlite.work" / "logs"
+    deadline = time.monotonic() + 60
+    while not (logs.is_dir() and any(logs.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    workers = _descendants(proc.pid)
+    assert workers, "the runner started no worker"
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in workers if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"workers still running after the runner got signal {sig}"

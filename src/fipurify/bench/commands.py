@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     b.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default $OMP_NUM_THREADS, else cores / jobs)")
     b.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    b.add_argument("--adopt", nargs="+", type=Path, default=[], metavar="MODEL",
+                   help="reuse these model files (e.g. from `fipurify train`) for the spec's models they match "
+                        "exactly (data, architecture, training, seed, attack); the others are reported and ignored")
     b.add_argument("--dry-run", action="store_true", help="only show what would run")
     b.add_argument("--only", action="append", default=[], metavar="PATTERN",
                    help="run only matching runs: a word equal to a label part (attack, defense id, s0, n500) "
@@ -77,7 +80,7 @@ def cmd_bench(args) -> int:
     opts = BenchOptions(db=args.db, cache=args.cache or _default_cache(), data_root=args.data_root, jobs=args.jobs,
                         threads=args.threads, device=args.device, deterministic=not args.nondeterministic,
                         only=only, shard=parse_shard(args.shard) if args.shard else None, dry_run=args.dry_run,
-                        timeout=args.timeout, progress=not args.quiet)
+                        timeout=args.timeout, progress=not args.quiet, adopt=args.adopt)
     try:
         counts = run_bench(spec, opts, out=sys.stdout if args.dry_run else sys.stderr)
     except KeyboardInterrupt:

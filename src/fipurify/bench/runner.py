@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from ..errors import ConfigError
 from . import stages
+from .adopt import adopt as adopt_models
 from .spec import Run, Spec
 from .store import ResultStore, utc_now
 
@@ -41,6 +42,7 @@ class BenchOptions:
     dry_run: bool = False
     timeout: float | None = None
     progress: bool = True
+    adopt: list[Path] = field(default_factory=list)  # model files trained elsewhere to reuse (see bench.adopt)
 
     def validate(self) -> "BenchOptions":
         if self.jobs < 1:
@@ -188,7 +190,7 @@ class Runner:
     def _start(self, task: _Task, payload: dict[str, Any]) -> None:
         from .worker import entry
 
-        payload.update(kind=task.kind, device=self.device, threads=self.threads,
+        payload.update(kind=task.kind, device=self.device, threads=self.threads, runner_pid=os.getpid(),
                        deterministic=self.opts.deterministic, data_root=self.opts.data_root)
         task.log = self.work / "logs" / f"{task.kind}-{_safe(task.label)}-{task.key[:8]}.log"
         task.log.parent.mkdir(parents=True, exist_ok=True)
@@ -362,15 +364,44 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _report_adoptions(results, out: TextIO) -> int:
+    """Print one line per candidate file; returns how many were copied into the cache."""
+    n = 0
+    for a in results:
+        if a.status in ("adopted", "cached"):
+            n += a.status == "adopted"
+            print(f"  {a.status:8s} {a.source} -> {a.target.name}", file=out)
+        else:
+            why = "; ".join(a.reasons[:3]) + (" ..." if len(a.reasons) > 3 else "")
+            print(f"  {a.status:8s} {a.source}: {why}", file=out)
+    return n
+
+
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (kill, a batch scheduler's stop) like Ctrl-C, so the runner stops its workers first."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def run_bench(spec: Spec, opts: BenchOptions, out: TextIO = sys.stderr) -> dict[str, int]:
     """Plan and run ``spec`` (or only describe it with ``opts.dry_run``); returns the counts."""
     opts.validate()
     with ResultStore(opts.db) as store:
         plan = make_plan(spec, opts, store)
+        if opts.adopt:
+            if _report_adoptions(adopt_models(plan.models, opts.adopt, dry_run=opts.dry_run), out):
+                plan = make_plan(spec, opts, store)
         if opts.dry_run:
             describe(spec, plan, opts, out)
             return {"ok": 0, "failed": 0, "skipped": 0, "trained": 0, "pending": len(plan.pending)}
         runner = Runner(spec, opts, store, out)
+        _interrupt_on_sigterm()
         print(f"spec {spec.name}: {len(plan.runs)} runs, {len(plan.done)} already done, {len(plan.pending)} to run, "
               f"{len(plan.to_train())} models to train; {opts.jobs} job(s) x {runner.threads} thread(s) on "
               f"{runner.device}", file=out)

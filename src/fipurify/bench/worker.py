@@ -11,6 +11,7 @@ task is killed meanwhile. Exit status: 0 done, 1 failed (and recorded), 2 bad ta
 from __future__ import annotations
 
 import json
+import time
 import sys
 import traceback
 from pathlib import Path
@@ -80,9 +81,30 @@ def run_task(task: dict[str, Any]) -> int:
     return 2
 
 
+def _exit_with(pid: int, every: float = 2.0) -> None:
+    """End this process once process ``pid`` (the runner) is gone, so a killed runner leaves no worker running."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(3)  # nothing to clean up: results are committed in one transaction or not at all
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, daemon=True, name="runner-watch").start()
+
+
 def entry(task: dict[str, Any], log_path: str) -> None:
     """Process target: send stdout and stderr to ``log_path``, run the task, exit with its status."""
     import os
+
+    if task.get("runner_pid"):
+        _exit_with(int(task["runner_pid"]))
 
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sys.stdout.flush()
