@@ -8,6 +8,7 @@ import torch
 from fipurify import attacks, models
 from fipurify.attacks.bppa import QuantizeTrigger, quantize_levels
 from fipurify.attacks.cba import HalfMixTrigger
+from fipurify.attacks.clb import CornerPatchTrigger
 from fipurify.attacks.triggers import trigger_from_spec
 from fipurify.attacks.wanet import BICUBIC_GAIN, WarpTrigger
 from fipurify.cli import main
@@ -252,15 +253,21 @@ def test_bppa_trigger_levels_and_quantisation_step(train):
 
 
 @pytest.mark.parametrize("trigger", [WarpTrigger(k=3, s=0.75, grid_rescale=0.98, field_seed=5),
-                                     QuantizeTrigger(bits=3, dither=False), QuantizeTrigger(bits=4)],
-                         ids=["warp", "quantize", "quantize-dither"])
-def test_warp_and_quantize_triggers_rebuild_from_spec(trigger):
+                                     QuantizeTrigger(bits=3, dither=False), QuantizeTrigger(bits=4),
+                                     CornerPatchTrigger(torch.rand(3, 3, 3), corners=4, amplitude=0.5),
+                                     HalfMixTrigger(jitter=2)],
+                         ids=["warp", "quantize", "quantize-dither", "clb-corners", "cba-half-mix"])
+def test_new_triggers_rebuild_from_spec(trigger):
     spec = json.loads(json.dumps(trigger.to_spec()))
     again = trigger_from_spec(spec)
     assert type(again) is type(trigger)
     assert again.to_spec() == trigger.to_spec()
     x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(again.apply(x), trigger.apply(x))
+    if isinstance(trigger, HalfMixTrigger):  # mixes two images
+        u = torch.rand(2, 5, generator=torch.Generator().manual_seed(1)).numpy()
+        assert torch.equal(again.mix(x, x.flip(0), u), trigger.mix(x, x.flip(0), u))
+    else:
+        assert torch.equal(again.apply(x), trigger.apply(x))
     with pytest.raises(ConfigError, match="bad"):
         trigger_from_spec({**spec, "unknown_option": 1})
 

@@ -12,12 +12,13 @@ from ..errors import ConfigError, DataError
 from .base import Attack, dataset_labels
 from .rendered import (RenderedBackdoorTestSet, RenderedPoisonedDataset, choose_cover, choose_poisoned,
                        stack_clean)
-from .triggers import Trigger
+from .triggers import Trigger, register_trigger
 
 #: Random numbers per mixed image: order swap, direction, split jitter, window in a, window in b.
 N_MIX_PARAMS = 5
 
 
+@register_trigger
 class HalfMixTrigger(Trigger):
     """The CBA "half mixer": half of one image next to half of another.
 

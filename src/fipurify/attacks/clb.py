@@ -18,11 +18,12 @@ from ..errors import ConfigError, ModelFileError
 from .badnets import checkerboard
 from .base import Attack, data_digest, dataset_labels
 from .rendered import RenderedPoisonedDataset, choose_poisoned, stack_clean
-from .triggers import PatchTrigger, Trigger, _batched
+from .triggers import PatchTrigger, Trigger, _batched, register_trigger
 
 CORNERS = {1: ("bottom-right",), 4: ("top-left", "top-right", "bottom-left", "bottom-right")}
 
 
+@register_trigger
 class CornerPatchTrigger(Trigger):
     """The same small pattern pasted in 1 (bottom-right) or all 4 image corners.
 
