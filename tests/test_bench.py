@@ -221,7 +221,7 @@ def fixture_db(tmp_path):
         acc, asr, lcr, secs = vals[run.seed]
         store.record({**base, "status": "ok", "acc": acc, "asr": asr, "lcr": lcr, "purify_seconds": secs,
                       "der": None if secs is None else (max(0, 1 - asr) - max(0, 0.91 - acc) + 1) / 2,
-                      "fipurify_version": "0.1.0"})
+                      "train_seconds": 100.0, "fipurify_version": "0.1.0"})
     yield spec, store
     store.close()
 
@@ -244,6 +244,9 @@ def test_report_aggregates_marks_best_and_shows_paper(fixture_db, tmp_path):
     assert "| blend | ffip | - | - | - | - | - | - | - | 20.8 | 0/2 |" in md
     assert "Test paper, Table 99" in md
     assert "DataError: boom" in md
+    # two seeds x two attacks = four models, each counted once; defense seconds summed over finished runs
+    assert t.compute == {"train_seconds": 400.0, "n_models": 4, "purify_seconds": 52.0}
+    assert "Compute behind the finished runs: 400 s training 4 backdoored model(s) and 52 s of defense time" in md
     html = to_html(t, {"fig.png": b"\x89PNG fake"})
     assert '<td class="best">6.00 ± 1.41</td>' in html and "data:image/png;base64," in html
     assert "<style>" in html and "89.32" in html
@@ -270,6 +273,21 @@ def test_report_cli_from_database(fixture_db, tmp_path, capsys):
     assert "**6.00 ± 1.41**" in capsys.readouterr().out
     assert (tmp_path / "rep" / "tiny.md").is_file() and not (tmp_path / "rep" / "tiny.html").exists()
     assert main(["report", str(store.path), "--format", "pdf"]) == 2
+
+    # The README block: replaced between its markers, the rest of the file untouched; no markers -> clear error.
+    readme = tmp_path / "README.md"
+    readme.write_text("# Doc\n\nintro\n\n<!-- report:tiny -->\nold table\n<!-- /report:tiny -->\n\nafter\n")
+    assert main(["report", str(store.path), "--out", str(tmp_path / "rep"), "--no-figures", "--format", "md",
+                 "--readme", str(readme), "--quiet"]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# Doc\n\nintro\n") and text.endswith("\nafter\n")
+    assert "#### Tiny synthetic benchmark" in text and "**6.00 ± 1.41**" in text
+    assert text.index("<!-- report:tiny -->") < text.index("**6.00") < text.index("<!-- /report:tiny -->")
+    capsys.readouterr()
+    (tmp_path / "other.md").write_text("no markers\n")
+    assert main(["report", str(store.path), "--out", str(tmp_path / "rep"), "--format", "md",
+                 "--readme", str(tmp_path / "other.md"), "--quiet"]) == 2
+    assert "<!-- report:tiny -->" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- runner

@@ -56,6 +56,9 @@ def register(subparsers) -> None:
                         "(default OUT/figures, only the runtime chart embedded)")
     r.add_argument("--no-figures", action="store_true", help="no runtime chart")
     r.add_argument("--format", default="md,html,csv,json", help="comma-separated subset of md,html,csv,json")
+    r.add_argument("--readme", type=Path, default=None, metavar="MD",
+                   help="also replace the block between <!-- report:SPEC --> and <!-- /report:SPEC --> in this "
+                        "Markdown file (e.g. README.md) with the table")
     r.add_argument("--quiet", action="store_true", help="do not print the Markdown table")
     r.set_defaults(func=cmd_report)
 
@@ -131,6 +134,11 @@ def cmd_report(args) -> int:
             table = build_table(spec, store)
             paths = write_report(table, args.out, args.figures, extra_figures=args.figures is not None,
                                  formats=formats, make_figures=not args.no_figures)
+            if args.readme is not None:
+                from .readme import update
+
+                changed = update(args.readme, table)
+                print(f"{spec.name}: {'updated' if changed else 'unchanged'} block in {args.readme}", file=sys.stderr)
             if not args.quiet:
                 from .render import to_markdown
                 print(to_markdown(table))

@@ -89,6 +89,10 @@ def _n_text(rows: list[TableRow]) -> str:
     return got if lo == hi == exp else f"{got}/{exp}"
 
 
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 600 else f"{seconds:.0f} s"
+
+
 def _notes(t: Table) -> list[str]:
     spec = t.spec
     notes = [f"Spec `{spec.name}`: {t.n_ok} of {t.n_runs} runs finished"
@@ -97,6 +101,11 @@ def _notes(t: Table) -> list[str]:
     notes.append("Mean ± sample standard deviation over seeds (n = finished seeds); ACC, ASR, LCR and DER in %; "
                  "time = purification seconds (training seconds for training-time defenses). "
                  "Bold: best defense in the column within its group (no defense excluded).")
+    c = t.compute
+    if c.get("n_models") or c.get("purify_seconds"):
+        notes.append(f"Compute behind the finished runs: {_hours(c.get('train_seconds', 0.0))} training "
+                     f"{c.get('n_models', 0)} backdoored model(s) and {_hours(c.get('purify_seconds', 0.0))} "
+                     "of defense time (sums of task times, not wall-clock).")
     if spec.paper_table.get("rows"):
         notes.append(f"Paper numbers: {spec.paper_table.get('source', 'the paper')}.")
     env = {k: v for k, v in t.environment.items() if v and k != "host"}

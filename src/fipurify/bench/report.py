@@ -76,6 +76,7 @@ class Table:
     environment: dict[str, list[str]]
     n_runs: int
     n_ok: int
+    compute: dict[str, float] = field(default_factory=dict)  # seconds and counts behind the finished runs
 
     def paper_columns(self) -> list[str]:
         """Metrics among the columns for which the spec has at least one paper number."""
@@ -143,6 +144,8 @@ def build_table(spec: Spec, store: ResultStore) -> Table:
     rows, failed, missing = [], [], []
     env: dict[str, set[str]] = {k: set() for k in ("fipurify_version", "torch_version", "python_version", "device", "host")}
     n_ok = 0
+    train_s: dict[str, float] = {}  # base model key -> its training seconds (counted once per model)
+    purify_s = 0.0
     for key, members in groups.items():
         ok = []
         for run in members:
@@ -153,6 +156,10 @@ def build_table(spec: Spec, store: ResultStore) -> Table:
                 failed.append({"label": run.label, "run_key": run.key, "error": res.get("error")})
             else:
                 ok.append(res)
+                if isinstance(res.get("train_seconds"), (int, float)):
+                    train_s[run.base_model_key] = float(res["train_seconds"])
+                if isinstance(res.get("purify_seconds"), (int, float)):
+                    purify_s += float(res["purify_seconds"])
                 for k in env:
                     if res.get(k):
                         env[k].add(str(res[k]))
@@ -161,8 +168,9 @@ def build_table(spec: Spec, store: ResultStore) -> Table:
         d = dict(zip(dims, key))
         rows.append(TableRow(d, cells, len(ok), len(members), paper=_paper_numbers(spec, d)))
     _mark_best(rows, dims, list(METRICS))
+    compute = {"train_seconds": sum(train_s.values()), "n_models": len(train_s), "purify_seconds": purify_s}
     return Table(spec, dims, columns, rows, failed, missing, {k: sorted(v) for k, v in env.items()},
-                 len(runs), n_ok)
+                 len(runs), n_ok, compute)
 
 
 def format_cell(metric: str, cell: Cell) -> str:
