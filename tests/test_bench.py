@@ -127,7 +127,7 @@ def test_shipped_specs_parse():
     specs = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "specs").glob("*.toml"))
     names = {p.stem for p in specs}
     for name in ("table1", "table7", "table8", "table9", "table10", "table11", "table12", "table13", "table14",
-                 "fig4", "table16", "table17"):
+                 "fig4", "table16", "table17", "attacks", "attacks-gtsrb", "baselines"):
         assert name in names and f"{name}-paper" in names
     for p in specs:
         spec = load_spec(p)
@@ -135,6 +135,12 @@ def test_shipped_specs_parse():
     t7 = load_spec(specs[0].parent / "table7.toml")
     assert {"fip", "ffip", "ffip-no-trf", "ffip-no-lr", "ft"} <= {d.id for d in t7.defenses}
     assert t7.paper_table["rows"] and load_spec(specs[0].parent / "table7-paper.toml").model["width"] == 64
+    # Specs that share a run share its key (labels and table layout do not count), so the attack suite
+    # trains the models Table 1 purifies, and the baseline table is a subset of Table 1's runs.
+    t1 = {r.key for r in load_spec(specs[0].parent / "table1.toml").runs()}
+    assert {r.key for r in load_spec(specs[0].parent / "baselines.toml").runs()} <= t1
+    suite = {r.model_key for r in load_spec(specs[0].parent / "attacks.toml").runs() if r.attack != "none"}
+    assert suite == {r.model_key for r in load_spec(specs[0].parent / "table1.toml").runs()}
 
 
 # --------------------------------------------------------------------------- store
