@@ -55,9 +55,10 @@ def test_ibau_returns_same_architecture_and_bounds_the_perturbation(tiny_backdoo
     assert set(d.report["seconds"]) >= {"total", "setup", "train"}
 
 
-def test_awm_multiplies_conv_weights_by_masks_in_unit_interval(tiny_backdoor):
+@pytest.mark.parametrize("trigger", ["additive", "mask-pattern"])
+def test_awm_multiplies_conv_weights_by_masks_in_unit_interval(tiny_backdoor, trigger):
     model = tiny_backdoor["model"]
-    d = defenses.create("awm", epochs=2, batch_size=32, trigger_steps=2, trigger_norm=2.0, alpha=0.5)
+    d = defenses.create("awm", epochs=2, batch_size=32, trigger_steps=2, trigger_norm=2.0, alpha=0.5, trigger=trigger)
     out = d.purify(model, tiny_backdoor["reserve"], progress=False)
     _same_architecture(out, model)
     convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
@@ -73,8 +74,11 @@ def test_awm_multiplies_conv_weights_by_masks_in_unit_interval(tiny_backdoor):
             assert torch.equal(w0, w1), key  # BN, linear and buffers are not masked
     assert changed > 0
     assert d.report["n_trainable"] == sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
-    assert all(0 < v <= 2.0 + 1e-4 for v in d.report["trigger_l1"])  # ||M||_1 capped at trigger_norm
-    assert d.trigger["mask"].min() >= 0 and d.trigger["mask"].max() <= 1
+    assert all(0 < v <= 2.0 + 1e-4 for v in d.report["trigger_l1"])  # ||delta||_1 / ||M||_1 capped at trigger_norm
+    if trigger == "additive":
+        assert d.trigger["delta"].abs().sum() == pytest.approx(d.report["trigger_l1"][-1], rel=1e-5)
+    else:
+        assert d.trigger["mask"].min() >= 0 and d.trigger["mask"].max() <= 1
 
 
 def test_rnp_masks_in_unit_interval_and_pruning_zeroes_exactly_the_masked_neurons(tiny_backdoor):
@@ -166,6 +170,7 @@ def test_cbd_trains_on_the_poisoned_set(tiny_backdoor):
     lambda: defenses.create("i-bau", optimizer="rmsprop"),
     lambda: defenses.create("awm", alpha=1.5),
     lambda: defenses.create("awm", trigger_norm=-1.0),
+    lambda: defenses.create("awm", trigger="noise"),
     lambda: defenses.create("awm", nope=1),
     lambda: defenses.create("rnp", prune_by="size"),
     lambda: defenses.create("rnp", clean_threshold=2.0),
