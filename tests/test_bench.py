@@ -441,3 +441,21 @@ def test_a_killed_runner_leaves_no_worker_behind(tmp_path, sig):
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"workers still running after the runner got signal {sig}"
+
+
+def test_forget_and_rerun_drop_only_the_matching_results(fixture_db, tmp_path):
+    import io as _io
+
+    from fipurify.bench.runner import BenchOptions, run_bench
+
+    spec, store = fixture_db
+    ok_before = store.finished()
+    ft_keys = [r.key for r in spec.runs() if r.defense == "ft"]
+    opts = BenchOptions(db=store.path, cache=tmp_path / "cache", dry_run=True, rerun=["ft"])
+    out = _io.StringIO()
+    run_bench(spec, opts, out=out)
+    assert f"would forget {len(ft_keys)} stored result(s)" in out.getvalue()
+    assert store.finished() == ok_before  # a dry run forgets nothing
+    assert store.forget(ft_keys) == len(ft_keys)
+    assert store.finished() == ok_before - set(ft_keys)
+    assert store.forget(ft_keys) == 0

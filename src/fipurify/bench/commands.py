@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     b.add_argument("--only", action="append", default=[], metavar="PATTERN",
                    help="run only matching runs: a word equal to a label part (attack, defense id, s0, n500) "
                         "or a glob on the label attack/.../defense/nSIZE/sSEED; repeatable or comma-separated")
+    b.add_argument("--rerun", action="append", default=[], metavar="PATTERN",
+                   help="forget the stored results of the selected runs matching PATTERN (as --only) and run them "
+                        "again, e.g. after changing a defense's code or defaults")
     b.add_argument("--shard", default=None, metavar="I/N", help="run part I (0-based) of N, for several machines")
     b.add_argument("--skip-unknown", action="store_true",
                    help="drop attacks/defenses this version does not know instead of stopping")
@@ -83,7 +86,8 @@ def cmd_bench(args) -> int:
     opts = BenchOptions(db=args.db, cache=args.cache or _default_cache(), data_root=args.data_root, jobs=args.jobs,
                         threads=args.threads, device=args.device, deterministic=not args.nondeterministic,
                         only=only, shard=parse_shard(args.shard) if args.shard else None, dry_run=args.dry_run,
-                        timeout=args.timeout, progress=not args.quiet, adopt=args.adopt)
+                        timeout=args.timeout, progress=not args.quiet, adopt=args.adopt,
+                        rerun=[p.strip() for item in args.rerun for p in item.split(",") if p.strip()])
     try:
         counts = run_bench(spec, opts, out=sys.stdout if args.dry_run else sys.stderr)
     except KeyboardInterrupt:

@@ -43,6 +43,7 @@ class BenchOptions:
     timeout: float | None = None
     progress: bool = True
     adopt: list[Path] = field(default_factory=list)  # model files trained elsewhere to reuse (see bench.adopt)
+    rerun: list[str] = field(default_factory=list)  # patterns (as ``only``) of finished runs to run again
 
     def validate(self) -> "BenchOptions":
         if self.jobs < 1:
@@ -393,6 +394,12 @@ def run_bench(spec: Spec, opts: BenchOptions, out: TextIO = sys.stderr) -> dict[
     """Plan and run ``spec`` (or only describe it with ``opts.dry_run``); returns the counts."""
     opts.validate()
     with ResultStore(opts.db) as store:
+        if opts.rerun:
+            again = [r.key for r in select(spec, opts) if matches(r, opts.rerun)]
+            if opts.dry_run:
+                print(f"would forget {len(store.status(again))} stored result(s) matching --rerun", file=out)
+            else:
+                print(f"forgot {store.forget(again)} stored result(s) matching --rerun", file=out)
         plan = make_plan(spec, opts, store)
         if opts.adopt:
             if _report_adoptions(adopt_models(plan.models, opts.adopt, dry_run=opts.dry_run), out):

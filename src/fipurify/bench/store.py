@@ -154,6 +154,20 @@ class ResultStore:
                 return c.execute(sql, [vals[c_] for c_ in cols]).rowcount > 0
         return self._retry(write)
 
+    def forget(self, keys: Iterable[str]) -> int:
+        """Delete the results of ``keys`` (one transaction), so the runner runs them again; returns how many."""
+        keys = list(keys)
+
+        def delete() -> int:
+            n = 0
+            with self.transaction() as c:
+                for i in range(0, len(keys), 500):
+                    chunk = keys[i:i + 500]
+                    n += c.execute(f"DELETE FROM results WHERE run_key IN ({', '.join('?' * len(chunk))})",
+                                   chunk).rowcount
+            return n
+        return self._retry(delete)
+
     def get(self, run_key: str) -> dict[str, Any] | None:
         """The row of ``run_key`` (JSON columns decoded), or None."""
         r = self.conn.execute("SELECT * FROM results WHERE run_key = ?", (run_key,)).fetchone()
