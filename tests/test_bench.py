@@ -343,6 +343,11 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     final = _ok_rows(db)
     con = sqlite3.connect(str(db))
     assert con.execute("SELECT COUNT(*), COUNT(DISTINCT run_key) FROM results").fetchone() == (4, 4)
+    from fipurify.bench.stages import CODE_HASH, source_fingerprint
+
+    # every row names the code that produced it (the sources did not change meanwhile)
+    assert {r[0] for r in con.execute("SELECT DISTINCT code_hash FROM results")} == {CODE_HASH}
+    assert CODE_HASH == source_fingerprint() and len(CODE_HASH) == 12
     con.close()
     assert set(final) == set(expected)
     for key, row in first.items():  # finished runs were not repeated

@@ -142,7 +142,8 @@ def build_table(spec: Spec, store: ResultStore) -> Table:
     for run in runs:
         groups.setdefault(tuple(run.dims[d] for d in dims), []).append(run)
     rows, failed, missing = [], [], []
-    env: dict[str, set[str]] = {k: set() for k in ("fipurify_version", "torch_version", "python_version", "device", "host")}
+    env: dict[str, set[str]] = {k: set() for k in ("fipurify_version", "code_hash", "torch_version", "python_version",
+                                                    "device", "host")}
     n_ok = 0
     train_s: dict[str, float] = {}  # base model key -> its training seconds (counted once per model)
     purify_s = 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib
 import os
 import platform
@@ -24,6 +25,20 @@ from ..errors import ConfigError, ModelFileError
 
 
 # --------------------------------------------------------------------------- environment
+def source_fingerprint() -> str:
+    """First 12 hex digits of a SHA-256 over the fipurify package's Python sources as they are on disk now."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+#: The code this process imported: taken at import time, so a runner's fork server (which
+#: imports once) stamps every result with the code that really ran, even if files change later.
+CODE_HASH = source_fingerprint()
+
+
 def rss_mb() -> float:
     """This process's resident memory now (MB); NaN where /proc is missing."""
     try:
@@ -52,7 +67,8 @@ def environment(device: str, threads: int | None) -> dict[str, Any]:
     if device.startswith("cuda") and torch.cuda.is_available():
         dev = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     return {"fipurify_version": __version__, "torch_version": torch.__version__,
-            "python_version": platform.python_version(), "host": socket.gethostname(), "device": dev,
+            "python_version": platform.python_version(), "code_hash": CODE_HASH,
+            "host": socket.gethostname(), "device": dev,
             "threads": threads if threads is not None else torch.get_num_threads()}
 
 

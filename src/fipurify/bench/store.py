@@ -31,7 +31,7 @@ COLUMNS: dict[str, str] = {
     "purify_seconds": "REAL", "purify_epoch_seconds": "REAL",
     "peak_rss_mb": "REAL", "purify_peak_mb": "REAL", "gpu_peak_mb": "REAL",
     "details": "TEXT", "fipurify_version": "TEXT", "torch_version": "TEXT", "python_version": "TEXT",
-    "host": "TEXT", "device": "TEXT", "threads": "INTEGER",
+    "code_hash": "TEXT", "host": "TEXT", "device": "TEXT", "threads": "INTEGER",
     "started_at": "TEXT", "finished_at": "TEXT", "attempts": "INTEGER NOT NULL DEFAULT 1",
 }
 _JSON_COLS = ("config", "details")
