@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from fipurify.bench.commands import DEFAULT_DB, _default_cache
+from fipurify.bench.commands import DEFAULT_DB, default_cache
 from fipurify.bench.runner import BenchOptions, run_bench
 from fipurify.bench.spec import load_spec
 from fipurify.bench.store import ResultStore
@@ -71,7 +71,7 @@ def main() -> int:
     for ds in args.datasets:
         spec = load_spec(SPECS[ds])
         if not args.report_only:
-            opts = BenchOptions(db=args.db, cache=args.cache or _default_cache(), data_root=args.data_root,
+            opts = BenchOptions(db=args.db, cache=args.cache or default_cache(), data_root=args.data_root,
                                 jobs=args.jobs, threads=args.threads, device=args.device, only=args.only,
                                 dry_run=args.dry_run)
             failed += run_bench(spec, opts, out=sys.stdout if args.dry_run else sys.stderr).get("failed", 0)

@@ -55,7 +55,8 @@ def _training_problems(training: dict[str, Any], have: dict[str, Any] | None, se
     if not isinstance(have, dict):
         return ["training: the file records no train_config"]
     want = asdict(stages.make_train_config(training, seed))
-    defaults = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
+    base = TrainConfig()
+    defaults = {f.name: getattr(base, f.name) for f in fields(TrainConfig)}
     out = []
     for k, v in want.items():
         # A field the file lacks was added after it was trained; it behaved as the default.

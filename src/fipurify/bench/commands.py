@@ -8,7 +8,8 @@ DEFAULT_DB = Path("results") / "bench" / "results.sqlite"
 DEFAULT_OUT = Path("results") / "bench"
 
 
-def _default_cache() -> Path:
+def default_cache() -> Path:
+    """The bench model cache: ``$FIPURIFY_CACHE/bench-models`` (else under ``~/.cache/fipurify``)."""
     from ..datasets.roots import cache_dir
 
     return cache_dir() / "bench-models"
@@ -66,6 +67,11 @@ def register(subparsers) -> None:
     r.set_defaults(func=cmd_report)
 
 
+def _patterns(items: list[str]) -> list[str]:
+    """Repeated and comma-separated ``--only`` / ``--rerun`` values as one list."""
+    return [p.strip() for item in items for p in item.split(",") if p.strip()]
+
+
 def cmd_bench(args) -> int:
     from ..errors import ConfigError
     from .runner import BenchOptions, parse_shard, run_bench
@@ -82,12 +88,12 @@ def cmd_bench(args) -> int:
         print(f"skipping unknown {what}", file=sys.stderr)
         spec = without(spec, unknown["attacks"], unknown["defenses"])
     check_entries(spec)
-    only = [p.strip() for item in args.only for p in item.split(",") if p.strip()]
-    opts = BenchOptions(db=args.db, cache=args.cache or _default_cache(), data_root=args.data_root, jobs=args.jobs,
+    only = _patterns(args.only)
+    opts = BenchOptions(db=args.db, cache=args.cache or default_cache(), data_root=args.data_root, jobs=args.jobs,
                         threads=args.threads, device=args.device, deterministic=not args.nondeterministic,
                         only=only, shard=parse_shard(args.shard) if args.shard else None, dry_run=args.dry_run,
                         timeout=args.timeout, progress=not args.quiet, adopt=args.adopt,
-                        rerun=[p.strip() for item in args.rerun for p in item.split(",") if p.strip()])
+                        rerun=_patterns(args.rerun))
     try:
         counts = run_bench(spec, opts, out=sys.stdout if args.dry_run else sys.stderr)
     except KeyboardInterrupt:

@@ -11,8 +11,8 @@ task is killed meanwhile. Exit status: 0 done, 1 failed (and recorded), 2 bad ta
 from __future__ import annotations
 
 import json
-import time
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any

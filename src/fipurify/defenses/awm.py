@@ -92,6 +92,11 @@ class AWMConfig(DefenseConfig):
         return self
 
 
+def _cap_l1(t: torch.Tensor, eta: float) -> torch.Tensor:
+    """``t`` scaled down so that ``||t||_1 <= eta`` (unchanged when it already is)."""
+    return t * min(1.0, eta / max(float(t.abs().sum()), 1e-12))
+
+
 class _SoftMask(nn.Module):
     """Parametrisation ``W -> m * W`` with a trainable mask ``m`` of W's shape (starts at 1)."""
 
@@ -174,15 +179,12 @@ class AWM(Defense):
                 trig_opt.step()
             with torch.no_grad():
                 if additive:
-                    d = delta.detach()
-                    d = d * min(1.0, cfg.trigger_norm / max(float(d.abs().sum()), 1e-12))  # cap ||delta||_1 at eta
-                    trigger["delta"] = d
-                    trig_l1.append(float(d.abs().sum()))
+                    trigger["delta"] = _cap_l1(delta.detach(), cfg.trigger_norm)
+                    trig_l1.append(float(trigger["delta"].abs().sum()))
                 else:
-                    mk = torch.sigmoid(mask_logit)
-                    mk.mul_(min(1.0, cfg.trigger_norm / max(float(mk.sum()), 1e-12)))  # cap ||M||_1 at eta
-                    trigger["mask"], trigger["pattern"] = mk, torch.sigmoid(pattern_logit)
-                    trig_l1.append(float(mk.sum()))
+                    trigger["mask"] = _cap_l1(torch.sigmoid(mask_logit), cfg.trigger_norm)
+                    trigger["pattern"] = torch.sigmoid(pattern_logit)
+                    trig_l1.append(float(trigger["mask"].sum()))
             trig_s[0] += time.perf_counter() - t0
 
         def triggered(x: torch.Tensor) -> torch.Tensor:
