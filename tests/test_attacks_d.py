@@ -285,3 +285,48 @@ def test_cli_train_then_evaluate_dynamic(tmp_path, monkeypatch, capsys):
     assert main(["evaluate", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ref["file"] in err[0] and "not found" in err[0]
+
+
+# --------------------------------------------------------------------------- degenerate generators
+def test_a_generator_that_changes_no_image_is_refused(cache, data, monkeypatch):
+    """A collapsed generator would poison with clean images and silently give a model without a backdoor."""
+    from fipurify.attacks.lira import LIRA
+    from fipurify.errors import AttackError
+
+    monkeypatch.setattr(LIRA, "generate", lambda self, x: x + 0.5 / 255)  # below one intensity level
+    attack = attacks.create("lira", target=0, poison_rate=RATE, seed=1, **TINY["lira"])
+    with pytest.raises(AttackError, match="degenerate.*100% of"):
+        attack.prepare(data[0], cache_dir=cache / "degenerate")
+    assert not list((cache / "degenerate").rglob("*.safetensors"))  # nothing cached under its key
+
+
+def test_dynamic_mask_stage_keeps_its_last_healthy_epoch(cache, data, monkeypatch):
+    from fipurify.attacks.dynamic import Dynamic
+    from fipurify.errors import AttackError
+
+    opts = {**TINY["dynamic"], "mask_epochs": 3, "gen_epochs": 1}
+    snapshots = []
+
+    def healthy_once(self, net, probe):  # epoch 1 is healthy, the later ones collapsed
+        snapshots.append({k: v.clone() for k, v in net.state_dict().items()})
+        return len(snapshots) == 1
+
+    monkeypatch.setattr(Dynamic, "_mask_is_healthy", healthy_once)
+    attack = attacks.create("dyn-one", poison_rate=RATE, seed=2, **opts)
+    attack.prepare(data[0], cache_dir=cache / "dyn-healthy")
+    assert len(snapshots) == 3
+    kept = attack.nets["mask"].state_dict()
+    assert all(torch.equal(kept[k], snapshots[0][k]) for k in kept)
+    assert not all(torch.equal(kept[k], snapshots[-1][k]) for k in kept)
+
+    monkeypatch.setattr(Dynamic, "_mask_is_healthy", lambda self, net, probe: False)
+    with pytest.raises(AttackError, match="collapsed in every one of 3 epochs"):
+        attacks.create("dyn-one", poison_rate=RATE, seed=3, **opts).prepare(data[0], cache_dir=cache / "dyn-bad")
+
+
+def test_dynamic_masks_of_the_tiny_run_are_healthy(runs, data):
+    attack = runs("dynamic")["attack"]
+    x = clean_stack(data[0], range(64))
+    _, m = attack.pattern_and_mask(x)
+    assert attack._mask_is_healthy(attack.nets["mask"], x)
+    assert float(m.mean()) > attack.mask_density / 4

@@ -464,3 +464,16 @@ def test_forget_and_rerun_drop_only_the_matching_results(fixture_db, tmp_path):
     assert store.forget(ft_keys) == len(ft_keys)
     assert store.finished() == ok_before - set(ft_keys)
     assert store.forget(ft_keys) == 0
+
+
+def test_adopt_matches_a_generator_attack_by_its_options_not_its_trained_generator():
+    """image_shape and the generator file are filled in by prepare(); the spec cannot know them."""
+    from fipurify.bench.adopt import _attack_problems
+    from fipurify.bench import stages
+
+    cfg = {"name": "lira", "poison_rate": 0.1, "options": {"eps": 0.02}}
+    have = stages.make_attack(cfg, 0).to_spec()
+    have.update(image_shape=[3, 32, 32], num_classes=10,
+                generator={"file": "lira-0123.safetensors", "sha256": "ab" * 32})
+    assert _attack_problems(cfg, have, 0) == []
+    assert _attack_problems({**cfg, "options": {"eps": 0.05}}, have, 0) == ["attack.eps: spec 0.05, file 0.02"]

@@ -15,3 +15,7 @@ class ModelFileError(FipurifyError):
 
 class ConfigError(FipurifyError, ValueError):
     """An option is unknown or out of range."""
+
+
+class AttackError(FipurifyError):
+    """An attack could not be built as asked (e.g. its trained trigger generator is degenerate)."""

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ..errors import AttackError, ConfigError
 from .base import stack_clean
 from .generative import (ConvAutoencoder, GeneratedPoisonedDataset, GeneratorAttack, ImageSource, SmallCNN,
                          nonneg_int, real_in, rms_distance)
@@ -59,6 +59,7 @@ class Dynamic(GeneratorAttack):
 
     name = "dynamic"
     label_dependent = True
+    generator_format = 2  # 2: the mask stage keeps its last healthy epoch (format 1 could collapse)
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",
                  seed: int = 0, num_classes: int | None = None, cross_rate: float = 0.1,
@@ -122,11 +123,19 @@ class Dynamic(GeneratorAttack):
         return (x + (p - x) * m).clamp_(0.0, 1.0)
 
     # -- training (stage 1) -------------------------------------------------------------------
+    def _mask_is_healthy(self, mask_net: nn.Module, probe: torch.Tensor) -> bool:
+        """At least 90% of the probe images get a mask of a quarter of ``mask_density`` or more."""
+        with torch.no_grad():
+            density = _mask_of(mask_net(probe)).flatten(1).mean(1)
+        return bool((density >= self.mask_density / 4).float().mean() >= 0.9)
+
     def fit(self, nets: nn.Module, source: ImageSource, device: torch.device, progress: bool) -> None:
         gen = torch.Generator().manual_seed(self.seed)
         bs = self.gen_batch_size
         mask_net, pattern_net = nets["mask"], nets["pattern"]
         opt_m = torch.optim.Adam(mask_net.parameters(), self.gen_lr, betas=(0.5, 0.9))
+        probe = source.batch(torch.arange(min(len(source), 256)), device)
+        healthy: dict | None = None
         for _ in tqdm(range(self.mask_epochs), desc="dynamic mask generator", disable=not progress, leave=False):
             for i1, i2 in zip(source.batches(bs, gen), source.batches(bs, gen)):
                 k = min(len(i1), len(i2))
@@ -138,6 +147,17 @@ class Dynamic(GeneratorAttack):
                 opt_m.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_m.step()
+            if self._mask_is_healthy(mask_net, probe):
+                healthy = {k: v.detach().clone() for k, v in mask_net.state_dict().items()}
+        if self.mask_epochs > 0:
+            # The norm term can drive every mask to zero, where the steep squashing leaves no
+            # gradient to recover (seen on CIFAR-10 at 45,000 images): keep the last epoch
+            # whose masks still cover each image, or stop with a clear error.
+            if healthy is None:
+                raise AttackError(f"dynamic: the mask generator collapsed in every one of {self.mask_epochs} "
+                                  f"epochs (masks far below mask_density={self.mask_density:g} on most "
+                                  f"images); try another gen_lr, lambda_norm or seed")
+            mask_net.load_state_dict(healthy)
         mask_net.requires_grad_(False).eval()
 
         clf = SmallCNN(self.image_shape[0], self.num_classes, self.clf_width).to(device)

@@ -27,14 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, DataError, ModelFileError
+from ..errors import AttackError, ConfigError, DataError, ModelFileError
 from .base import Attack, BackdoorTestSet, PoisonedDataset, data_digest, dataset_labels, stack_clean
 from .triggers import Trigger, _batched
 
 #: Subfolder of the fipurify cache that holds the trained generators.
 CACHE_SUBDIR = "attacks"
-#: Bumped when the training code changes in a way that changes the generators.
+#: Bumped when the training code changes in a way that changes the generators (an attack
+#: whose own training changed bumps its ``generator_format`` instead).
 GENERATOR_FORMAT = 1
+#: A triggered image "differs" from its clean image when some pixel moves by at least this
+#: (one 8-bit intensity level); a generator that leaves most images unchanged is degenerate.
+_VISIBLE = 1.0 / 255
+_PROBE = 256
 _META_KEY = "fipurify-attack-generator"
 _CHUNK = 256
 
@@ -287,6 +292,8 @@ class GeneratorAttack(Attack):
 
     needs_preparation = True
     label_dependent = False
+    #: Part of the generator cache key; bumped by a subclass whose generator training changed.
+    generator_format = GENERATOR_FORMAT
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",
                  seed: int = 0, num_classes: int | None = None, image_shape: Any = None,
@@ -371,7 +378,7 @@ class GeneratorAttack(Attack):
 
     def generator_config(self) -> dict:
         """Everything that determines the trained generator (besides the data)."""
-        cfg = {"attack": self.name, "format": GENERATOR_FORMAT, "seed": self.seed,
+        cfg = {"attack": self.name, "format": self.generator_format, "seed": self.seed,
                "image_shape": list(self.image_shape) if self.image_shape else None,
                "options": self.generator_options()}
         if self.label_dependent:
@@ -452,14 +459,33 @@ class GeneratorAttack(Attack):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             nets = self.build_nets(shape[0], n_classes).to(device)
-            self.fit(nets, ImageSource(train_set), device, progress)
+            source = ImageSource(train_set)
+            self.fit(nets, source, device, progress)
         self.nets = nets.cpu().eval().requires_grad_(False)
+        self._check_not_degenerate(source)
         from ..io import atomic_write_bytes
 
         data = self._serialise()
         atomic_write_bytes(path, data)
         self.generator_ref = {"file": file, "sha256": _file_sha256(data)}
         self.nets.to(device)  # generate the triggered images on the training device
+
+    def _check_not_degenerate(self, source: "ImageSource") -> None:
+        """AttackError when the trained generator leaves most images (visibly) unchanged.
+
+        A collapsed generator (e.g. an all-zero Dynamic mask) would otherwise poison the
+        training set with clean images and silently produce a model without a backdoor.
+        """
+        idx = torch.arange(min(len(source), _PROBE))
+        with torch.no_grad():
+            x = source.batch(idx)
+            moved = (self.generate(x).clamp(0.0, 1.0) - x).flatten(1).abs().amax(1)
+        unchanged = float((moved < _VISIBLE).float().mean())
+        if unchanged > 0.5:
+            raise AttackError(f"{self.name}: the trained trigger generator is degenerate: it leaves "
+                              f"{100 * unchanged:.0f}% of {len(idx)} training images unchanged (no pixel "
+                              f"moves by one intensity level), so the poisoned set would carry no trigger. "
+                              f"Train it with other options (more generator epochs, another gen_lr or seed)")
 
     # -- datasets -------------------------------------------------------------------------
     def _generate_rows(self, dataset: Any, rows: np.ndarray) -> torch.Tensor:

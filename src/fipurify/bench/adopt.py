@@ -16,9 +16,10 @@ from typing import Any, Iterable
 from ..errors import FipurifyError
 from . import stages
 
-# Fields of an attack spec that are filled in when the attack meets the data (num_classes)
-# or derived from its arguments (the trigger, checked again by attacks.from_spec on load).
-_DERIVED_ATTACK_FIELDS = ("num_classes", "trigger")
+# Fields of an attack spec that are filled in when the attack meets the data (num_classes;
+# a generator attack's image_shape and trained generator file) or derived from its arguments
+# (the trigger, checked again by attacks.from_spec on load, which also checks the generator).
+_DERIVED_ATTACK_FIELDS = ("num_classes", "trigger", "image_shape", "generator")
 
 
 @dataclass
