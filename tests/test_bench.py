@@ -227,7 +227,8 @@ def fixture_db(tmp_path):
         acc, asr, lcr, secs = vals[run.seed]
         store.record({**base, "status": "ok", "acc": acc, "asr": asr, "lcr": lcr, "purify_seconds": secs,
                       "der": None if secs is None else (max(0, 1 - asr) - max(0, 0.91 - acc) + 1) / 2,
-                      "train_seconds": 100.0, "fipurify_version": "0.1.0"})
+                      "train_seconds": 100.0, "fipurify_version": "0.1.0",
+                      "train_device": "cpu" if run.attack == "badnets" else "cuda (GPU X)"})
     yield spec, store
     store.close()
 
@@ -251,8 +252,10 @@ def test_report_aggregates_marks_best_and_shows_paper(fixture_db, tmp_path):
     assert "Test paper, Table 99" in md
     assert "DataError: boom" in md
     # two seeds x two attacks = four models, each counted once; defense seconds summed over finished runs
-    assert t.compute == {"train_seconds": 400.0, "n_models": 4, "purify_seconds": 52.0}
-    assert "Compute behind the finished runs: 400 s training 4 backdoored model(s) and 52 s of defense time" in md
+    assert t.compute == {"train_seconds": 400.0, "n_models": 4, "purify_seconds": 52.0,
+                         "train_by_device": {"cpu": [200.0, 2], "cuda (GPU X)": [200.0, 2]}}
+    assert ("Compute behind the finished runs: 400 s training 4 backdoored model(s) (200 s for 2 on cpu, "
+            "200 s for 2 on cuda (GPU X)) and 52 s of defense time") in md
     html = to_html(t, {"fig.png": b"\x89PNG fake"})
     assert '<td class="best">6.00 ± 1.41</td>' in html and "data:image/png;base64," in html
     assert "<style>" in html and "89.32" in html
@@ -392,6 +395,16 @@ def test_adopt_reuses_only_an_exactly_matching_model(tmp_path):
     back, _ = load_model(m["path"])
     assert all((a == b).all() for a, b in zip(back.state_dict().values(), model.state_dict().values()))
     assert adopt(plan.models, [plain])[0].status == "cached"
+    # A file from another runner (a GPU machine, say) keeps its training cost and device.
+    gpu = save_model(model, tmp_path / "gpu.safetensors",
+                     {**meta, "bench": {"model_key": "theirs", "train_seconds": 12.5, "epoch_seconds": [12.5],
+                                        "device": "cuda (GPU X)"}})
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        plan2 = make_plan(spec, BenchOptions(db=tmp_path / "r.sqlite", cache=tmp_path / "cache2"), store)
+    assert adopt(plan2.models, [gpu])[0].status == "adopted"
+    b = stages.cached_model_meta(plan2.models[key]["path"], key)["bench"]
+    assert (b["model_key"], b["train_seconds"], b["device"]) == (key, 12.5, "cuda (GPU X)")
+    assert stages.model_row({"bench": b})["train_device"] == "cuda (GPU X)"
     with ResultStore(tmp_path / "r.sqlite") as store:
         plan = make_plan(spec, BenchOptions(db=tmp_path / "r.sqlite", cache=tmp_path / "cache"), store)
     assert plan.to_train() == [k for k in plan.models if k != key]

@@ -126,9 +126,13 @@ def adopt(models: dict[str, dict[str, Any]], files: Iterable[str | Path], *, dry
                 if not dry_run:
                     model, meta = load_model(src)  # safetensors only, and checks the tensors' hash
                     hist = meta.get("history") or []
-                    meta["bench"] = {"model_key": key, "model_config": m["config"],
-                                     "train_seconds": meta.get("train_seconds"),
+                    # A file from another runner (e.g. on a GPU machine) keeps its training
+                    # cost and environment (device, versions, code hash); our key and config win.
+                    prior = {k: v for k, v in (meta.get("bench") or {}).items()
+                             if k not in ("model_key", "model_config", "adopted_from")}
+                    meta["bench"] = {"train_seconds": meta.get("train_seconds"),
                                      "epoch_seconds": [float(h["seconds"]) for h in hist if "seconds" in h],
+                                     **prior, "model_key": key, "model_config": m["config"],
                                      "adopted_from": str(src.resolve())}
                     save_model(model, target, meta)
                 best = Adoption(src, key, target, "adopted")

@@ -103,8 +103,12 @@ def _notes(t: Table) -> list[str]:
                  "Bold: best defense in the column within its group (no defense excluded).")
     c = t.compute
     if c.get("n_models") or c.get("purify_seconds"):
+        by_dev = c.get("train_by_device") or {}
+        where = ""
+        if len(by_dev) > 1 or any(d != "cpu" for d in by_dev):  # say where the training ran
+            where = " (" + ", ".join(f"{_hours(v[0])} for {int(v[1])} on {d}" for d, v in sorted(by_dev.items())) + ")"
         notes.append(f"Compute behind the finished runs: {_hours(c.get('train_seconds', 0.0))} training "
-                     f"{c.get('n_models', 0)} backdoored model(s) and {_hours(c.get('purify_seconds', 0.0))} "
+                     f"{c.get('n_models', 0)} backdoored model(s){where} and {_hours(c.get('purify_seconds', 0.0))} "
                      "of defense time (sums of task times, not wall-clock).")
     if spec.paper_table.get("rows"):
         notes.append(f"Paper numbers: {spec.paper_table.get('source', 'the paper')}.")

@@ -76,7 +76,7 @@ class Table:
     environment: dict[str, list[str]]
     n_runs: int
     n_ok: int
-    compute: dict[str, float] = field(default_factory=dict)  # seconds and counts behind the finished runs
+    compute: dict[str, Any] = field(default_factory=dict)  # seconds and counts behind the finished runs
 
     def paper_columns(self) -> list[str]:
         """Metrics among the columns for which the spec has at least one paper number."""
@@ -158,7 +158,7 @@ def build_table(spec: Spec, store: ResultStore) -> Table:
             else:
                 ok.append(res)
                 if isinstance(res.get("train_seconds"), (int, float)):
-                    train_s[run.base_model_key] = float(res["train_seconds"])
+                    train_s[run.base_model_key] = (float(res["train_seconds"]), res.get("train_device") or "unknown")
                 if isinstance(res.get("purify_seconds"), (int, float)):
                     purify_s += float(res["purify_seconds"])
                 for k in env:
@@ -169,7 +169,13 @@ def build_table(spec: Spec, store: ResultStore) -> Table:
         d = dict(zip(dims, key))
         rows.append(TableRow(d, cells, len(ok), len(members), paper=_paper_numbers(spec, d)))
     _mark_best(rows, dims, list(METRICS))
-    compute = {"train_seconds": sum(train_s.values()), "n_models": len(train_s), "purify_seconds": purify_s}
+    by_device: dict[str, list[float]] = {}  # device -> [seconds, models]
+    for secs, dev in train_s.values():
+        acc = by_device.setdefault(dev, [0.0, 0])
+        acc[0] += secs
+        acc[1] += 1
+    compute = {"train_seconds": sum(v[0] for v in by_device.values()), "n_models": len(train_s),
+               "purify_seconds": purify_s, "train_by_device": by_device}
     return Table(spec, dims, columns, rows, failed, missing, {k: sorted(v) for k, v in env.items()},
                  len(runs), n_ok, compute)
 

@@ -255,7 +255,8 @@ def model_row(meta: dict[str, Any]) -> dict[str, Any]:
     b = meta.get("bench") or {}
     m = meta.get("metrics") or {}
     return {"acc_before": m.get("acc"), "asr_before": m.get("asr"), "lcr_before": m.get("lcr"),
-            "train_seconds": b.get("train_seconds"), "train_epoch_seconds": _mean(b.get("epoch_seconds") or [])}
+            "train_seconds": b.get("train_seconds"), "train_epoch_seconds": _mean(b.get("epoch_seconds") or []),
+            "train_device": b.get("device")}
 
 
 def purify(run_config: dict[str, Any], path: Path, *, data_root: str | None = None,

@@ -27,7 +27,7 @@ COLUMNS: dict[str, str] = {
     "config": "TEXT NOT NULL", "status": "TEXT NOT NULL", "error": "TEXT",
     "acc": "REAL", "asr": "REAL", "lcr": "REAL", "der": "REAL",
     "acc_before": "REAL", "asr_before": "REAL", "lcr_before": "REAL",
-    "train_seconds": "REAL", "train_epoch_seconds": "REAL",
+    "train_seconds": "REAL", "train_epoch_seconds": "REAL", "train_device": "TEXT",
     "purify_seconds": "REAL", "purify_epoch_seconds": "REAL",
     "peak_rss_mb": "REAL", "purify_peak_mb": "REAL", "gpu_peak_mb": "REAL",
     "details": "TEXT", "fipurify_version": "TEXT", "torch_version": "TEXT", "python_version": "TEXT",
