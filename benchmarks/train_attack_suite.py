@@ -31,6 +31,14 @@ from fipurify.metrics import format_table
 
 ASR_FLAG = 0.90
 SPECS = {"cifar10": "attacks", "gtsrb": "attacks-gtsrb"}
+# Why a backdoor stays under 90% ASR at the CPU preset (PreActResNet18 width 16, 10 epochs),
+# as diagnosed from the stored models; printed beside a flagged row.
+REASONS = {
+    ("cifar10", "troj-all"): "all-to-all: ten trigger->label maps to learn in 10 epochs (76% after 10)",
+    ("cifar10", "cba"): "composite trigger (two benign classes mixed) at the edge of learnable in 10 epochs",
+    ("cifar10", "bppa"): "dithered 32-level quantisation contrasted with negative samples is not learned "
+                         "at all in 10 epochs (ASR at the clean model's level); the paper trains far longer",
+}
 
 
 def suite_rows(spec, store: ResultStore) -> list[dict]:
@@ -46,8 +54,10 @@ def suite_rows(spec, store: ResultStore) -> list[dict]:
             row.update(status="not run" if res is None else "failed", error=(res or {}).get("error"))
         else:
             asr = res.get("asr")
+            weak = asr is not None and asr < ASR_FLAG
             row.update(status="ok", acc=res["acc"], asr=asr, lcr=res.get("lcr"), train_s=res.get("train_seconds"),
-                       flag="" if asr is None or asr >= ASR_FLAG else "ASR < 90%")
+                       trained_on=res.get("train_device") or "-", flag="ASR < 90%" if weak else "",
+                       reason=REASONS.get((row["dataset"], run.attack), "not diagnosed") if weak else "")
         out.append(row)
     return out
 
@@ -83,7 +93,7 @@ def main() -> int:
         return 0
     shown = [{**r, "acc": r.get("acc"), "asr": r.get("asr"), "lcr": r.get("lcr"), "train_s": r.get("train_s"),
               "flag": r.get("flag") or ("" if r["status"] == "ok" else r["status"])} for r in rows]
-    table = format_table(shown, ["dataset", "label", "acc", "asr", "lcr", "train_s", "flag"])
+    table = format_table(shown, ["dataset", "label", "acc", "asr", "lcr", "train_s", "trained_on", "flag", "reason"])
     flagged = [f"{r['dataset']}/{r['attack']}" for r in rows if r.get("flag")]
     atomic_write_text(args.out.with_suffix(".json"), json.dumps({"asr_flag_below": ASR_FLAG, "rows": rows,
                                                                   "flagged": flagged}, indent=2))
