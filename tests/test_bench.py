@@ -490,3 +490,20 @@ def test_adopt_matches_a_generator_attack_by_its_options_not_its_trained_generat
                 generator={"file": "lira-0123.safetensors", "sha256": "ab" * 32})
     assert _attack_problems(cfg, have, 0) == []
     assert _attack_problems({**cfg, "options": {"eps": 0.05}}, have, 0) == ["attack.eps: spec 0.05, file 0.02"]
+
+
+def test_adoption_report_lists_adopted_files_and_counts_the_misses(tmp_path):
+    import io as _io
+
+    from fipurify.bench.adopt import Adoption
+    from fipurify.bench.runner import _report_adoptions
+
+    got = [Adoption(tmp_path / "a.safetensors", "k", tmp_path / "cache" / "a-k.safetensors", "adopted")]
+    got += [Adoption(tmp_path / f"m{i}.safetensors", None, None, "no-match", (f"seed: spec 0, file {i}",))
+            for i in range(5)]
+    out = _io.StringIO()
+    assert _report_adoptions(got, out) == 1
+    lines = out.getvalue().splitlines()
+    assert lines[0].strip().startswith("adopted") and lines[0].endswith("a-k.safetensors")
+    assert len(lines) == 5 and "seed: spec 0, file 2" in lines[3]
+    assert lines[4].strip() == "... and 2 more file(s) that are no model of this spec"

@@ -365,16 +365,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
+_MAX_MISS_LINES = 3  # a folder's worth of other models should not bury the adopted ones
+
+
 def _report_adoptions(results, out: TextIO) -> int:
-    """Print one line per candidate file; returns how many were copied into the cache."""
+    """One line per adopted (or already cached) file, the first few misses with their closest
+    differences, then a count of the rest; returns how many were copied into the cache."""
     n = 0
+    misses = []
     for a in results:
         if a.status in ("adopted", "cached"):
             n += a.status == "adopted"
             print(f"  {a.status:8s} {a.source} -> {a.target.name}", file=out)
         else:
-            why = "; ".join(a.reasons[:3]) + (" ..." if len(a.reasons) > 3 else "")
-            print(f"  {a.status:8s} {a.source}: {why}", file=out)
+            misses.append(a)
+    for a in misses[:_MAX_MISS_LINES]:
+        why = "; ".join(a.reasons[:3]) + (" ..." if len(a.reasons) > 3 else "")
+        print(f"  {a.status:8s} {a.source}: {why}", file=out)
+    if len(misses) > _MAX_MISS_LINES:
+        print(f"  ... and {len(misses) - _MAX_MISS_LINES} more file(s) that are no model of this spec", file=out)
     return n
 
 
