@@ -38,6 +38,9 @@ REASONS = {
     ("cifar10", "cba"): "composite trigger (two benign classes mixed) at the edge of learnable in 10 epochs",
     ("cifar10", "bppa"): "dithered 32-level quantisation contrasted with negative samples is not learned "
                          "at all in 10 epochs (ASR at the clean model's level); the paper trains far longer",
+    ("cifar10", "lira"): "the learned trigger moves every pixel by only eps = 0.01 (2.55/255); a victim trained "
+                         "from scratch on the fixed triggers for 10 epochs does not pick it up (LIRA trains the "
+                         "victim jointly with the generator, then fine-tunes)",
 }
 
 
