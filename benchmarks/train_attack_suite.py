@@ -35,6 +35,7 @@ SPECS = {"cifar10": "attacks", "gtsrb": "attacks-gtsrb"}
 # as diagnosed from the stored models; printed beside a flagged row.
 REASONS = {
     ("cifar10", "troj-all"): "all-to-all: ten trigger->label maps to learn in 10 epochs (76% after 10)",
+    ("cifar10", "dyn-all"): "all-to-all: ten sample-specific trigger->label maps to learn in 10 epochs",
     ("cifar10", "cba"): "composite trigger (two benign classes mixed) at the edge of learnable in 10 epochs",
     ("cifar10", "bppa"): "dithered 32-level quantisation contrasted with negative samples is not learned "
                          "at all in 10 epochs (ASR at the clean model's level); the paper trains far longer",
