@@ -134,7 +134,7 @@ class Dynamic(GeneratorAttack):
         bs = self.gen_batch_size
         mask_net, pattern_net = nets["mask"], nets["pattern"]
         opt_m = torch.optim.Adam(mask_net.parameters(), self.gen_lr, betas=(0.5, 0.9))
-        probe = source.batch(torch.arange(min(len(source), 256)), device)
+        probe = source.probe(device)
         healthy: dict | None = None
         for _ in tqdm(range(self.mask_epochs), desc="dynamic mask generator", disable=not progress, leave=False):
             for i1, i2 in zip(source.batches(bs, gen), source.batches(bs, gen)):

@@ -127,6 +127,10 @@ class ImageSource:
             return self._u8[idx].float().div_(255.0).to(device)
         return self._float[idx].to(device)
 
+    def probe(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The first (up to) ``_PROBE`` images: a fixed batch for checking a generator."""
+        return self.batch(torch.arange(min(len(self), _PROBE)), device)
+
     def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
         """Index tensors of one shuffled epoch (the last, short batch is kept if >= 2 samples)."""
         perm = torch.randperm(len(self), generator=generator)
@@ -476,14 +480,13 @@ class GeneratorAttack(Attack):
         A collapsed generator (e.g. an all-zero Dynamic mask) would otherwise poison the
         training set with clean images and silently produce a model without a backdoor.
         """
-        idx = torch.arange(min(len(source), _PROBE))
+        x = source.probe()
         with torch.no_grad():
-            x = source.batch(idx)
             moved = (self.generate(x).clamp(0.0, 1.0) - x).flatten(1).abs().amax(1)
         unchanged = float((moved < _VISIBLE).float().mean())
         if unchanged > 0.5:
             raise AttackError(f"{self.name}: the trained trigger generator is degenerate: it leaves "
-                              f"{100 * unchanged:.0f}% of {len(idx)} training images unchanged (no pixel "
+                              f"{100 * unchanged:.0f}% of {len(x)} training images unchanged (no pixel "
                               f"moves by one intensity level), so the poisoned set would carry no trigger. "
                               f"Train it with other options (more generator epochs, another gen_lr or seed)")
 
