@@ -7,8 +7,8 @@ and apply it again one layer at a time, printing ACC, ASR and the predicted-clas
 For pruning defenses that report ``pruned_channels`` (CLP) or ``pruned_neurons`` (ANP, RNP):
 a model that collapses to one class after pruning shows here which layer's channels did it.
 ACC and ASR are measured on ``--test-size`` test images drawn at random (seed 0), so the
-numbers are quick estimates, not the benchmark's. Data-free CLP needs no clean images; the
-others get ``--clean-size`` images from the model's clean reserve, as the runner draws them.
+numbers are quick estimates, not the benchmark's. The defense gets ``--clean-size`` images
+from the model's clean reserve, as the runner draws them (data-free CLP ignores them).
 
 Used for the CLP / WaNet reading in the README.
 """
@@ -19,27 +19,21 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from fipurify import attacks, defenses
 from fipurify.datasets import draw_clean_subset
 from fipurify.defenses.pruning import channel_tensors, zero_channels
 from fipurify.io import load_model
-from fipurify.metrics import evaluate
-from fipurify.workflow import reload_data, reload_test_only
+from fipurify.metrics import accuracy, predict
+from fipurify.workflow import reload_data
 
 
 def sample(ds, n: int):
     """``n`` images of an ArrayDataset drawn at random (seed 0), still an ArrayDataset."""
     return ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].numpy())
-
-
-@torch.no_grad()
-def histogram(model: nn.Module, ds: Dataset, n_classes: int) -> list[int]:
-    x = torch.stack([ds[i][0] for i in range(min(len(ds), 256))])
-    return torch.bincount(model.eval()(x).argmax(1), minlength=n_classes).tolist()
 
 
 def main() -> None:
@@ -55,22 +49,17 @@ def main() -> None:
 
     model, meta = load_model(args.model)
     d = defenses.create(args.method, **json.loads(args.options))
-    if args.method == "clp":
-        bundle = reload_test_only(meta, args.data_root)
-        clean = None
-    else:
-        bundle = reload_data(meta, args.data_root)
-        clean = draw_clean_subset(bundle.reserve, args.clean_size, args.seed)
+    bundle = reload_data(meta, args.data_root)
+    clean = draw_clean_subset(bundle.reserve, args.clean_size, args.seed)
     test = sample(bundle.test, args.test_size)
     attack = meta.get("attack")
     bd = attacks.from_spec(attack).backdoor_test_set(test) if attack else None
-    n_classes = bundle.dataset_info.get("num_classes", 10) if bundle.dataset_info else 10
 
     def line(name: str, m: nn.Module) -> None:
-        r = evaluate(m, test, bd)
-        asr = "-" if r["asr"] is None else f"{100 * r['asr']:6.2f}"
-        print(f"{name:<40} ACC {100 * r['acc']:6.2f}  ASR {asr}  predicted classes {histogram(m, test, n_classes)}",
-              flush=True)
+        preds, labels = predict(m, test)
+        asr = "-" if bd is None else f"{100 * accuracy(*predict(m, bd)):6.2f}"
+        hist = np.bincount(preds, minlength=test.num_classes).tolist()
+        print(f"{name:<40} ACC {100 * accuracy(preds, labels):6.2f}  ASR {asr}  predicted classes {hist}", flush=True)
 
     line("original", model)
     line(f"{args.method} (all its pruning)", d.purify(model, clean, progress=False))
