@@ -173,7 +173,6 @@ def main() -> None:
         bundle = load_data("cifar10", None, CPU_PRESET["reserve"], 0, None)
         size, tw, te, n_clean, step, epochs = 32, 64, 50, 500, args.step_epochs, args.train_epochs
     print(f"data ready in {time.perf_counter() - T0:.1f}s on {device}", flush=True)
-    nc = bundle.dataset_info["num_classes"]
     names = args.configs or list(SWEEP)
     if not args.timing_last:
         timing(out, bundle, device, tw, te, n_clean)

@@ -121,6 +121,10 @@ def test_spec_errors_and_extends(tmp_path):
     assert big.name == "big" and big.model["width"] == 8 and big.model["arch"] == "preactresnet18"
     assert big.clean_sizes == base.clean_sizes == [20] and big.seeds == [0, 1]
     assert len(big.runs()) == 2 * len(base.runs())
+    # A misspelt name lists the shipped specs once each, so the user sees what to type.
+    with pytest.raises(ConfigError, match="known specs: .*table1") as err:
+        load_spec("tabel1")
+    assert str(err.value).count("table1,") == 1
 
 
 def test_shipped_specs_parse():

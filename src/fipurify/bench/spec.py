@@ -228,10 +228,15 @@ def find_spec(ref: str | Path, search: Iterable[Path] = ()) -> Path:
         if (parent / "pyproject.toml").is_file():
             folders.append(parent / "benchmarks" / "specs")
             break
+    folders = list(dict.fromkeys(f.resolve() for f in folders))  # the checkout is often the cwd
     for folder in folders:
         if (folder / name).is_file():
             return folder / name
-    raise ConfigError(f"no spec {ref!r}: not a file, and no {name} in {', '.join(str(f) for f in folders)}")
+    known = sorted({f.stem for folder in folders if folder.is_dir() for f in folder.glob("*.toml")})
+    hint = f"; known specs: {', '.join(known)}" if known else ""
+    raise ConfigError(
+        f"no spec {ref!r}: not a file, and no {name} in {', '.join(str(f) for f in folders)}{hint}"
+    )
 
 
 def load_spec(ref: str | Path) -> Spec:
