@@ -511,3 +511,46 @@ def test_adoption_report_lists_adopted_files_and_counts_the_misses(tmp_path):
     assert lines[0].strip().startswith("adopted") and lines[0].endswith("a-k.safetensors")
     assert len(lines) == 5 and "seed: spec 0, file 2" in lines[3]
     assert lines[4].strip() == "... and 2 more file(s) that are no model of this spec"
+
+
+def test_runners_sharing_a_database_skip_a_held_run_instead_of_waiting(tmp_path):
+    import fcntl
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    first = load_spec(tmp_path / "tiny.toml").runs()[0]  # the run a runner takes first
+    db = tmp_path / "run.sqlite"
+    lock = db.with_name(db.name + ".work") / "locks" / f"{first.key}.lock"
+    lock.parent.mkdir(parents=True)
+    held = open(lock, "a")
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as another runner working on that run would
+    proc = subprocess.Popen(_bench(tmp_path, "run", "--jobs", "1"), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 200
+        while len(_ok_rows(db)) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        others = _ok_rows(db)
+        # The one free slot went to the three free runs; the held one was neither run nor waited on.
+        assert len(others) == 3 and first.key not in others, "the runner waited on the held run"
+        assert proc.poll() is None  # it keeps the held run queued
+    finally:
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+        held.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    final = _ok_rows(db)
+    assert len(final) == 4 and final[first.key][6] > max(r[6] for r in others.values())  # ran once released
+
+
+def test_a_worker_whose_run_is_held_returns_busy_and_leaves_the_log_alone(tmp_path):
+    from fipurify.bench import stages
+    from fipurify.bench.worker import BUSY, run_task
+
+    log = tmp_path / "run.log"
+    log.write_text("the holder's progress\n")
+    task = {"kind": "purify", "lock": str(tmp_path / "run.lock"), "row": {}, "db": str(tmp_path / "x.sqlite")}
+    with stages.file_lock(tmp_path / "run.lock", wait=False):
+        assert not stages.lock_is_free(tmp_path / "run.lock")
+        assert run_task(task, str(log)) == BUSY
+    assert log.read_text() == "the holder's progress\n" and not (tmp_path / "x.sqlite").exists()
+    assert stages.lock_is_free(tmp_path / "run.lock")

@@ -5,7 +5,9 @@ Every task (training one backdoored model, purifying one) runs in a fresh worker
 model exists. Workers are forked from a fork server that has imported torch and
 fipurify once, so a task starts in a fraction of a second instead of re-importing. Results are committed one run at a time, model files are written
 atomically, and finished runs are skipped, so a runner killed at any moment and started
-again loses nothing finished and repeats no finished run.
+again loses nothing finished and repeats no finished run. Each run is held under a lock
+file while it runs; a runner skips runs another runner holds and comes back to them, so
+several runners can share one database and split its work.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from . import stages
 from .adopt import adopt as adopt_models
 from .spec import Run, Spec
 from .store import ResultStore, utc_now
+from .worker import BUSY
 
 
 @dataclass
@@ -185,6 +188,7 @@ class Runner:
         self.device = resolve_device(opts.device)
         self.threads = opts.threads or _env_threads() or max(1, (os.cpu_count() or 1) // opts.jobs)
         self.counts = {"ok": 0, "failed": 0, "skipped": 0, "trained": 0}
+        self.poll_seconds = 2.0  # how often to look again when every queued run is held elsewhere
         self.ctx = _context()
 
     # ---------------------------------------------------------------- tasks
@@ -251,15 +255,13 @@ class Runner:
                         task = _Task("train", key, m["path"].stem)
                         self._start(task, {"model_config": m["config"], "model_key": key, "cache": str(self.opts.cache)})
                     else:
-                        run = purify_queue.pop(0)
-                        if self.store.finished([run.key]):  # done by another runner meanwhile
-                            self.counts["skipped"] += 1
-                            bar.update(1)
-                            continue
+                        run = self._next_free(purify_queue, bar)
+                        if run is None:  # every queued run is held by another runner
+                            break
                         task = _Task("purify", run.key, run.label)
                         self._start(task, {"row": self._base_row(run), "run_config": run.config, "db": str(self.opts.db),
                                            "model_path": str(plan.models[run.base_model_key]["path"]),
-                                           "lock": str(self.work / "locks" / f"{run.key}.lock")})
+                                           "lock": str(self._lock(run))})
                     running.append(task)
                 if not running:
                     if waiting and not (train_queue or purify_queue):  # models gone from the cache meanwhile
@@ -267,6 +269,8 @@ class Runner:
                             self._record(run, {}, "failed", "its model is neither cached nor being trained")
                             bar.update(1)
                         waiting.clear()
+                    elif purify_queue:  # all held elsewhere: look again when one may have finished
+                        time.sleep(self.poll_seconds)
                     continue
                 multiprocessing.connection.wait([t.proc.sentinel for t in running], timeout=1.0)
                 for task in list(running):
@@ -281,6 +285,9 @@ class Runner:
                         continue
                     task.proc.join()
                     running.remove(task)
+                    if task.kind == "purify" and rc == BUSY:  # taken by another runner since we looked
+                        purify_queue.append(runs_by_key[task.key])
+                        continue
                     bar.update(1)
                     if task.kind == "train":
                         m = plan.models[task.key]
@@ -303,6 +310,26 @@ class Runner:
         finally:
             bar.close()
         return self.counts
+
+    def _lock(self, run: Run) -> Path:
+        return self.work / "locks" / f"{run.key}.lock"
+
+    def _next_free(self, queue: list[Run], bar) -> Run | None:
+        """Take the first queued run that is neither finished nor held by another runner.
+
+        Runs finished elsewhere leave the queue (counted as skipped); runs another runner holds
+        stay in it, so two runners sharing a database split the work instead of waiting on
+        each other's current run.
+        """
+        for run in list(queue):
+            if self.store.finished([run.key]):
+                queue.remove(run)
+                self.counts["skipped"] += 1
+                bar.update(1)
+            elif stages.lock_is_free(self._lock(run)):
+                queue.remove(run)
+                return run
+        return None
 
     def _after_purify(self, run: Run, task: _Task, rc: int, bar) -> None:
         row = self.store.get(run.key)

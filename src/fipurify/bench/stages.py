@@ -84,16 +84,37 @@ def setup_torch(threads: int | None, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+class LockBusy(RuntimeError):
+    """Another process holds the lock (raised by ``file_lock(path, wait=False)``)."""
+
+
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (created); released when the block ends or the process dies."""
+def file_lock(path: Path, wait: bool = True) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created); released when the block ends or the process dies.
+
+    With ``wait=False`` a lock held elsewhere raises :class:`LockBusy` at once instead of blocking.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError as e:
+            raise LockBusy(f"{path} is held by another process") from e
         try:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def lock_is_free(path: Path) -> bool:
+    """Whether no other process holds ``file_lock(path)`` right now (a probe; it may change a moment later)."""
+    if not path.exists():
+        return True
+    try:
+        with file_lock(path, wait=False):
+            return True
+    except LockBusy:
+        return False
 
 
 # --------------------------------------------------------------------------- registries

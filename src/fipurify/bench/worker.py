@@ -6,16 +6,21 @@ a second); ``python -m fipurify.bench.worker TASK.json`` runs a task by hand. A 
 process per task gives each run its own peak-memory figure and the same starting state
 whatever ran before it, and a crash or out-of-memory kill takes down only that run. A purification task writes its own result row (ok or failed) in one
 transaction before it exits, so a result is kept even if the runner that started the
-task is killed meanwhile. Exit status: 0 done, 1 failed (and recorded), 2 bad task.
+task is killed meanwhile. Exit status: 0 done, 1 failed (and recorded), 2 bad task,
+75 (``BUSY``) the run is held by another runner, so nothing was done.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+
+BUSY = 75  # EX_TEMPFAIL: try again later
 
 
 def _log(msg: str) -> None:
@@ -44,9 +49,7 @@ def run_purify(task: dict[str, Any]) -> int:
     from .store import ResultStore, utc_now
 
     row = dict(task["row"])
-    store = ResultStore(task["db"])
-    lock = Path(task["lock"])
-    with stages.file_lock(lock):  # another runner may hold the same run (e.g. an orphan of a killed one)
+    with ResultStore(task["db"]) as store:
         if store.finished([row["run_key"]]):
             _log("already done by another process")
             return 0
@@ -60,7 +63,6 @@ def run_purify(task: dict[str, Any]) -> int:
             row.update(status="failed", error=f"{type(e).__name__}: {e}")
         row.update(stages.environment(task["device"], task.get("threads")))
         store.record(row)
-    store.close()
     if row["status"] != "ok":
         _log(f"error: {row['error']}")
         return 1
@@ -68,17 +70,42 @@ def run_purify(task: dict[str, Any]) -> int:
     return 0
 
 
-def run_task(task: dict[str, Any]) -> int:
-    """Run one task dict (``kind`` train or purify); returns the exit status."""
+def run_task(task: dict[str, Any], log_path: str | None = None) -> int:
+    """Run one task dict (``kind`` train or purify); returns the exit status.
+
+    A task with a ``lock`` file runs only while it holds that lock. If another runner holds it,
+    this returns ``BUSY`` at once, before ``log_path`` (the holder's log too) is touched: waiting
+    would idle this slot and keep two runners that share a database in lockstep, so the runner
+    puts the run back in its queue and takes another one.
+    """
     from . import stages
 
-    stages.setup_torch(task.get("threads"), task.get("deterministic", True))
-    if task["kind"] == "train":
-        return run_train(task)
-    if task["kind"] == "purify":
-        return run_purify(task)
-    _log(f"unknown task kind {task['kind']!r}")
-    return 2
+    with contextlib.ExitStack() as held:
+        if task.get("lock"):
+            try:
+                held.enter_context(stages.file_lock(Path(task["lock"]), wait=False))
+            except stages.LockBusy:
+                return BUSY
+        if log_path:
+            _redirect_output(log_path)
+        stages.setup_torch(task.get("threads"), task.get("deterministic", True))
+        if task["kind"] == "train":
+            return run_train(task)
+        if task["kind"] == "purify":
+            return run_purify(task)
+        _log(f"unknown task kind {task['kind']!r}")
+        return 2
+
+
+def _redirect_output(log_path: str) -> None:
+    import os
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _exit_with(pid: int, every: float = 2.0) -> None:
@@ -100,22 +127,15 @@ def _exit_with(pid: int, every: float = 2.0) -> None:
 
 
 def entry(task: dict[str, Any], log_path: str) -> None:
-    """Process target: send stdout and stderr to ``log_path``, run the task, exit with its status."""
+    """Process target: run the task with stdout and stderr sent to ``log_path``, exit with its status."""
     import os
 
     if task.get("runner_pid"):
         _exit_with(int(task["runner_pid"]))
-
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
     if task.get("threads"):
         os.environ["OMP_NUM_THREADS"] = str(task["threads"])
     try:
-        code = run_task(task)
+        code = run_task(task, log_path)
     except BaseException:
         traceback.print_exc()
         code = 2
