@@ -321,8 +321,9 @@ class Runner:
         stay in it, so two runners sharing a database split the work instead of waiting on
         each other's current run.
         """
+        done = self.store.finished(r.key for r in queue)  # one query for the queue, not one per run
         for run in list(queue):
-            if self.store.finished([run.key]):
+            if run.key in done:
                 queue.remove(run)
                 self.counts["skipped"] += 1
                 bar.update(1)
