@@ -472,3 +472,41 @@ def test_load_api(tmp_path):
     assert D.dataset_info("cifar10").num_classes == 10 and D.dataset_info("CIFAR10")["image_size"] == 32
     assert (D.dataset_info("gtsrb").num_classes, D.dataset_info("gtsrb").image_size) == (43, 32)
     assert set(D.DATASETS) == {"cifar10", "gtsrb", "imagefolder", "synthetic"}
+
+
+def test_a_later_extraction_never_removes_a_finished_copy_in_use(tmp_path, monkeypatch):
+    """Two workers unpack the same archive at once. The one that finishes second must
+    keep the first one's folder (which a reader may already be using), not replace it."""
+    archive = _tar_with(tmp_path / "a.tar.gz", [(tarfile.TarInfo("d/x.txt"), b"hello")])
+    first = cache_mod.extract_once(archive, "t")
+    in_use = (first / "d" / "x.txt").open("rb")  # a reader of the first copy
+    inode = (first / "d" / "x.txt").stat().st_ino
+    # The second worker checked for a finished copy before the first one had finished.
+    real_is_file = Path.is_file
+    calls = {"n": 0}
+
+    def late_is_file(self):
+        if self.name == ".complete" and calls["n"] == 0:
+            calls["n"] += 1
+            return False
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", late_is_file)
+    second = cache_mod.extract_once(archive, "t")
+    monkeypatch.undo()
+    assert second == first
+    assert (first / "d" / "x.txt").stat().st_ino == inode  # the same files, untouched
+    assert in_use.read() == b"hello"
+    in_use.close()
+    leftovers = [p.name for p in (tmp_path / "cache" / "extracted").iterdir() if p != first]
+    assert leftovers == []  # the second worker's temporary copy was removed
+
+
+def test_a_stale_unfinished_folder_is_replaced(tmp_path):
+    archive = _tar_with(tmp_path / "a.tar.gz", [(tarfile.TarInfo("d/x.txt"), b"hello")])
+    dest = cache_mod.extract_once(archive, "t")
+    (dest / ".complete").unlink()  # as if an old crash left it half-done
+    (dest / "d" / "x.txt").write_bytes(b"trunc")
+    again = cache_mod.extract_once(archive, "t")
+    assert again == dest and (dest / "d" / "x.txt").read_bytes() == b"hello"
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]

@@ -194,12 +194,23 @@ def extract_once(archive: str | Path, label: str, sha256: str | None = None) -> 
         safe_extract(archive, tmp)
         (tmp / ".complete").write_text(str(archive.resolve()) + "\n")
         os.chmod(tmp, _default_mode(0o777))
-        if dest.exists():  # a stale, incomplete folder from an older crash
-            shutil.rmtree(dest, ignore_errors=True)
+        if (dest / ".complete").is_file():
+            # Another process finished first and may be reading its copy now: keep it.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return dest
+        if dest.exists():
+            # A stale, incomplete folder from an older crash. Move it aside before
+            # deleting it, so the path never shows a half-deleted tree.
+            stale = Path(tempfile.mkdtemp(dir=base, prefix=f".{label}-stale-"))
+            try:
+                os.replace(dest, stale / "old")
+            except OSError:
+                pass  # someone else moved it already
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             os.replace(tmp, dest)
         except OSError:
-            # Another process finished first: use its copy.
+            # Another process finished between our check and the rename: use its copy.
             if not (dest / ".complete").is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
