@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -510,3 +511,18 @@ def test_a_stale_unfinished_folder_is_replaced(tmp_path):
     again = cache_mod.extract_once(archive, "t")
     assert again == dest and (dest / "d" / "x.txt").read_bytes() == b"hello"
     assert [p.name for p in dest.parent.iterdir()] == [dest.name]
+
+
+def test_a_copied_or_retouched_archive_is_not_unpacked_again(tmp_path):
+    archive = _tar_with(tmp_path / "a.tar.gz", [(tarfile.TarInfo("d/x.txt"), b"hello")])
+    dest = cache_mod.extract_once(archive, "t")
+    marker = (dest / "d" / "x.txt").stat().st_ino
+    copy = tmp_path / "elsewhere" / "a.tar.gz"
+    copy.parent.mkdir()
+    shutil.copyfile(archive, copy)  # new path, new mtime, same bytes
+    os.utime(archive, (1, 1))
+    assert cache_mod.extract_once(copy, "t") == dest
+    assert cache_mod.extract_once(archive, "t") == dest
+    assert (dest / "d" / "x.txt").stat().st_ino == marker
+    other = _tar_with(tmp_path / "b.tar.gz", [(tarfile.TarInfo("d/x.txt"), b"other")])
+    assert cache_mod.extract_once(other, "t") != dest  # different bytes, different folder

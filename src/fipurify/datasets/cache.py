@@ -43,6 +43,24 @@ def file_key(path: str | Path, *extra: object) -> str:
     return _hash_parts([path, st.st_size, st.st_mtime_ns, *extra])
 
 
+_CONTENT_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def content_key(path: str | Path, *extra: object) -> str:
+    """Cache key of one archive from its bytes (SHA-256), plus ``extra``.
+
+    Unlike :func:`file_key`, a copied, moved or re-touched archive keeps its key, so it is
+    not unpacked and decoded again. The digest is remembered per process for as long
+    as the file's size and mtime stay the same.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = (str(path), st.st_size, st.st_mtime_ns)
+    if stamp not in _CONTENT_DIGESTS:
+        _CONTENT_DIGESTS[stamp] = file_digest(path)
+    return _hash_parts([_CONTENT_DIGESTS[stamp], *extra])
+
+
 def folder_key(folder: str | Path, *extra: object) -> str:
     """Cache key of a folder tree: every file's relative path, size and mtime, plus ``extra``."""
     folder = Path(folder).resolve()
@@ -184,7 +202,7 @@ def extract_once(archive: str | Path, label: str, sha256: str | None = None) -> 
     archive = Path(archive)
     base = cache_dir() / "extracted"
     base.mkdir(parents=True, exist_ok=True)
-    dest = base / f"{label}-{file_key(archive)[:16]}"
+    dest = base / f"{label}-{content_key(archive)[:16]}"
     if (dest / ".complete").is_file():
         return dest
     if sha256:
@@ -220,5 +238,5 @@ def extract_once(archive: str | Path, label: str, sha256: str | None = None) -> 
     return dest
 
 
-__all__ = ["CACHE_VERSION", "file_key", "folder_key", "cache_path", "load_or_build",
+__all__ = ["CACHE_VERSION", "file_key", "content_key", "folder_key", "cache_path", "load_or_build",
            "file_digest", "verify_checksum", "safe_extract", "extract_once"]

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..io import atomic_output
 from .base import ArrayDataset
-from .cache import extract_once, file_digest, file_key, folder_key, load_or_build, verify_checksum
+from .cache import content_key, extract_once, file_digest, file_key, folder_key, load_or_build, verify_checksum
 from .imagefolder import read_image_folder
 from .roots import resolve_root
 
@@ -226,14 +226,14 @@ def load_cifar10(root: str | Path | None = None, split: str = "train",
         key = file_key(files[0], "cifar10-batches", split, *(file_key(f) for f in files[1:]))
         build = lambda: _read_batches_dir(path, split)  # noqa: E731
     elif kind == "archive":
-        key = file_key(path, "cifar10-archive", split, CIFAR10_MD5)
+        key = content_key(path, "cifar10-archive", split, CIFAR10_MD5)
         build = lambda: _read_official_archive(path, split, CIFAR10_MD5)  # noqa: E731
     elif kind == "folder":
         jpeg_root = _jpeg_root(path)
         key = folder_key(jpeg_root / split, "cifar10-folder", split)
         build = lambda: _read_jpeg_folder(jpeg_root, split)  # noqa: E731
     else:
-        key = file_key(path, "cifar10-jpeg-archive", split, CIFAR10_JPEG_SHA256)
+        key = content_key(path, "cifar10-jpeg-archive", split, CIFAR10_JPEG_SHA256)
         build = lambda: _read_jpeg_folder(  # noqa: E731
             _jpeg_root(extract_once(path, "cifar10-jpeg", CIFAR10_JPEG_SHA256)), split)
     images, labels, classes = load_or_build(key, build, label=f"cifar10-{split}", use_cache=cache)

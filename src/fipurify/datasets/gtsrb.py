@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from .base import ArrayDataset
-from .cache import extract_once, file_key, folder_key, load_or_build
+from .cache import content_key, extract_once, file_key, folder_key, load_or_build
 from .imagefolder import Size, parse_size, decode_images, list_images
 from .roots import resolve_root
 
@@ -166,7 +166,7 @@ def load_gtsrb(root: str | Path | None = None, split: str = "train", size: Size 
                              file_key(csv_path))
         build = lambda: reader(path, size_hw)  # noqa: E731
     else:
-        key = file_key(path, "gtsrb-archive", split, size_hw, GTSRB_SHA256)
+        key = content_key(path, "gtsrb-archive", split, size_hw, GTSRB_SHA256)
         build = lambda: reader(_gtsrb_in(extract_once(path, "gtsrb", GTSRB_SHA256)), size_hw)  # noqa: E731
     images, labels, classes = load_or_build(key, build, label=f"gtsrb-{split}", use_cache=cache)
     return ArrayDataset(images, labels, classes, name=f"gtsrb-{split}")
