@@ -542,6 +542,59 @@ def test_runners_sharing_a_database_skip_a_held_run_instead_of_waiting(tmp_path)
     assert len(final) == 4 and final[first.key][6] > max(r[6] for r in others.values())  # ran once released
 
 
+def test_runners_sharing_a_cache_train_another_model_instead_of_waiting(tmp_path):
+    """While another runner trains the first model (its lock held), a runner trains and
+    purifies the second one, then trains the first itself once the lock is free."""
+    import fcntl
+
+    from fipurify.bench import stages
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    runs = load_spec(tmp_path / "tiny.toml").runs()
+    first = runs[0]
+    path = stages.model_path(tmp_path / "cache-run", first.model_config(base=True), first.base_model_key)
+    lock = stages.model_lock(path)
+    lock.parent.mkdir(parents=True)
+    held = open(lock, "a")
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as another runner training that model would
+    db = tmp_path / "run.sqlite"
+    proc = subprocess.Popen(_bench(tmp_path, "run", "--jobs", "1"), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    blocked = {r.key for r in runs if r.base_model_key == first.base_model_key}
+    try:
+        deadline = time.monotonic() + 200
+        while len(_ok_rows(db)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        others = _ok_rows(db)
+        assert len(others) == 2 and not blocked & set(others), "the runner waited on the held model"
+        assert not path.exists() and proc.poll() is None  # the held model stays queued, untrained
+    finally:
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+        held.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    final = _ok_rows(db)
+    assert len(final) == 4 and blocked <= set(final) and path.is_file()
+
+
+def test_a_model_trained_elsewhere_while_queued_is_used_not_retrained(tmp_path):
+    from fipurify.bench.runner import BenchOptions, Runner, make_plan
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    spec = load_spec(tmp_path / "tiny.toml")
+    opts = BenchOptions(db=tmp_path / "a.sqlite", cache=tmp_path / "cache", threads=1, progress=False)
+    with ResultStore(opts.db) as store:
+        plan = make_plan(spec, opts, store)
+        assert len(plan.to_train()) == 2
+        # Another runner trains every model between our plan and our start.
+        other = BenchOptions(db=tmp_path / "b.sqlite", cache=tmp_path / "cache", threads=1, progress=False,
+                             only=["ft"])
+        with ResultStore(other.db) as other_store:
+            Runner(spec, other, other_store).run(make_plan(spec, other, other_store))
+        counts = Runner(spec, opts, store).run(plan)
+    assert counts["trained"] == 0 and counts["ok"] == 4, counts
+
+
 def test_a_worker_whose_run_is_held_returns_busy_and_leaves_the_log_alone(tmp_path):
     from fipurify.bench import stages
     from fipurify.bench.worker import BUSY, run_task

@@ -249,14 +249,15 @@ class Runner:
                             self._finish_in_parent(run, plan)
                             bar.update(1)
                 while len(running) < self.opts.jobs and (train_queue or purify_queue):
-                    if train_queue:
-                        key = train_queue.pop(0)
+                    key = self._next_model(train_queue, plan, ready, bar)
+                    if key is not None:
                         m = plan.models[key]
                         task = _Task("train", key, m["path"].stem)
-                        self._start(task, {"model_config": m["config"], "model_key": key, "cache": str(self.opts.cache)})
+                        self._start(task, {"model_config": m["config"], "model_key": key, "cache": str(self.opts.cache),
+                                           "lock": str(stages.model_lock(m["path"]))})
                     else:
                         run = self._next_free(purify_queue, bar)
-                        if run is None:  # every queued run is held by another runner
+                        if run is None:  # every queued model and run is held by another runner
                             break
                         task = _Task("purify", run.key, run.label)
                         self._start(task, {"row": self._base_row(run), "run_config": run.config, "db": str(self.opts.db),
@@ -264,12 +265,14 @@ class Runner:
                                            "lock": str(self._lock(run))})
                     running.append(task)
                 if not running:
-                    if waiting and not (train_queue or purify_queue):  # models gone from the cache meanwhile
-                        for run in waiting:
+                    if waiting and not (train_queue or purify_queue):
+                        # Runs whose models turned up meanwhile (trained by another runner) go on at
+                        # the top of the loop; the rest have lost their model from the cache.
+                        for run in [r for r in waiting if not all(k in ready for k, _ in _models_of(r))]:
+                            waiting.remove(run)
                             self._record(run, {}, "failed", "its model is neither cached nor being trained")
                             bar.update(1)
-                        waiting.clear()
-                    elif purify_queue:  # all held elsewhere: look again when one may have finished
+                    elif train_queue or purify_queue:  # all held elsewhere: look again when one may have finished
                         time.sleep(self.poll_seconds)
                     continue
                 multiprocessing.connection.wait([t.proc.sentinel for t in running], timeout=1.0)
@@ -285,8 +288,11 @@ class Runner:
                         continue
                     task.proc.join()
                     running.remove(task)
-                    if task.kind == "purify" and rc == BUSY:  # taken by another runner since we looked
-                        purify_queue.append(runs_by_key[task.key])
+                    if rc == BUSY:  # taken by another runner since we looked: queue it again
+                        if task.kind == "train":
+                            train_queue.append(task.key)
+                        else:
+                            purify_queue.append(runs_by_key[task.key])
                         continue
                     bar.update(1)
                     if task.kind == "train":
@@ -313,6 +319,23 @@ class Runner:
 
     def _lock(self, run: Run) -> Path:
         return self.work / "locks" / f"{run.key}.lock"
+
+    def _next_model(self, queue: list[str], plan: Plan, ready: set[str], bar) -> str | None:
+        """Take the first queued model that is neither cached nor being trained by another runner.
+
+        A model another runner trained meanwhile leaves the queue as ready; one it is training
+        now stays queued, so this runner trains or purifies something else instead of waiting.
+        """
+        for key in list(queue):
+            path = plan.models[key]["path"]
+            if stages.cached_model_meta(path, key) is not None:
+                queue.remove(key)
+                ready.add(key)
+                bar.update(1)
+            elif stages.lock_is_free(stages.model_lock(path)):
+                queue.remove(key)
+                return key
+        return None
 
     def _next_free(self, queue: list[Run], bar) -> Run | None:
         """Take the first queued run that is neither finished nor held by another runner.

@@ -189,6 +189,11 @@ def model_path(cache: str | Path, model_cfg: dict[str, Any], model_key: str) -> 
     return Path(cache) / f"{name}_{model_key[:12]}.safetensors"
 
 
+def model_lock(path: Path) -> Path:
+    """The lock file that guards training the model cached at ``path``."""
+    return path.with_name(path.name + ".lock")
+
+
 def cached_model_meta(path: Path, model_key: str) -> dict[str, Any] | None:
     """The metadata of the cached model at ``path`` if it is the one ``model_key`` names, else None."""
     from ..io import read_metadata
@@ -219,18 +224,21 @@ def _fit(bundle, arch: str, attack, train_cfg, width, device: str, train_defense
 
 
 def train(model_cfg: dict[str, Any], model_key: str, cache: str | Path, *, data_root: str | None = None,
-          device: str = "cpu", log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any], bool]:
+          device: str = "cpu", log: Callable[[str], None] = print,
+          locked: bool = False) -> tuple[Path, dict[str, Any], bool]:
     """Train the model of ``model_cfg`` unless it is cached; returns ``(path, metadata, trained_now)``.
 
-    A lock file beside the model makes concurrent runners (sharing a cache folder) train
-    it once; the file is written atomically, so a killed run leaves no half model.
+    A lock file beside the model (:func:`model_lock`) makes concurrent runners (sharing a
+    cache folder) train it once; the file is written atomically, so a killed run leaves no
+    half model. ``locked=True`` says the caller already holds that lock (the bench worker
+    takes it without waiting); otherwise this waits for it.
     """
     import torch
 
     from ..io import save_model
 
     path = model_path(cache, model_cfg, model_key)
-    with file_lock(path.with_name(path.name + ".lock")):
+    with contextlib.nullcontext() if locked else file_lock(model_lock(path)):
         meta = cached_model_meta(path, model_key)
         if meta is not None:
             return path, meta, False

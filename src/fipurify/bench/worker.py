@@ -7,7 +7,7 @@ process per task gives each run its own peak-memory figure and the same starting
 whatever ran before it, and a crash or out-of-memory kill takes down only that run. A purification task writes its own result row (ok or failed) in one
 transaction before it exits, so a result is kept even if the runner that started the
 task is killed meanwhile. Exit status: 0 done, 1 failed (and recorded), 2 bad task,
-75 (``BUSY``) the run is held by another runner, so nothing was done.
+75 (``BUSY``) the run (or the model to train) is held by another runner, so nothing was done.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def run_train(task: dict[str, Any]) -> int:
 
     try:
         path, meta, trained = stages.train(task["model_config"], task["model_key"], task["cache"],
-                                           data_root=task.get("data_root"), device=task["device"], log=_log)
+                                           data_root=task.get("data_root"), device=task["device"], log=_log,
+                                           locked=bool(task.get("lock")))
     except Exception as e:
         traceback.print_exc()
         _log(f"error: {type(e).__name__}: {e}")
