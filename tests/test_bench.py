@@ -75,6 +75,25 @@ def _doc(**over):
 
 
 # --------------------------------------------------------------------------- spec / grid
+def test_spec_only_keeps_the_selected_cells_with_the_same_keys():
+    full = parse_spec(_doc())
+    sub = parse_spec(_doc(only=["ft", "badnets/ffip/*"]))
+    want = [r for r in full.runs() if r.defense == "ft" or (r.attack == "badnets" and r.defense == "ffip")]
+    assert [r.key for r in sub.runs()] == [r.key for r in want] and len(want) == 12
+    with pytest.raises(ConfigError, match="'fft' select no run"):
+        parse_spec(_doc(only=["ft", "fft"]))
+    with pytest.raises(ConfigError, match="list of run patterns"):
+        parse_spec(_doc(only=[3]))
+
+
+def test_shipped_table1_core_is_a_view_of_table1():
+    core, full = load_spec("table1-core"), load_spec("table1")
+    keys = {r.key for r in full.runs()}
+    assert {r.key for r in core.runs()} <= keys
+    assert {r.defense for r in core.runs()} == {"none", "ft", "ft-sam", "anp", "i-bau", "ffip"}
+    assert len(core.runs()) == len(full.attacks) * 6
+
+
 def test_grid_expansion_keys_and_models():
     spec = parse_spec(_doc(grid={"seeds": [0, 1], "clean_sizes": [10, 20],
                                  "vary": [{"path": "attack.poison_rate", "values": [0.1, 0.3]}]}))

@@ -11,7 +11,6 @@ several runners can share one database and split its work.
 """
 from __future__ import annotations
 
-import fnmatch
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -25,7 +24,7 @@ from typing import Any, TextIO
 from ..errors import ConfigError
 from . import stages
 from .adopt import adopt as adopt_models
-from .spec import Run, Spec
+from .spec import Run, Spec, matches
 from .store import ResultStore, utc_now
 from .worker import BUSY
 
@@ -69,23 +68,6 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- selection
-def matches(run: Run, patterns: list[str]) -> bool:
-    """Whether ``run`` is selected by ``patterns`` (none: all).
-
-    A pattern with ``*``/``?``/``[`` is a glob on the whole label
-    (``attack/axis=value/defense/nSIZE/sSEED``); a plain word must equal one part of it.
-    """
-    if not patterns:
-        return True
-    parts = run.label.split("/")
-    for p in patterns:
-        if any(c in p for c in "*?[") and fnmatch.fnmatchcase(run.label, p):
-            return True
-        if p in parts or p == run.key or p == run.label:
-            return True
-    return False
-
-
 def shard_of(runs: list[Run], shard: tuple[int, int] | None) -> set[str]:
     """Run keys of part ``i`` of ``n``.
 

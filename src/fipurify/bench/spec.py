@@ -13,6 +13,8 @@ model (and specs sharing runs) share the work.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -25,7 +27,7 @@ from ..errors import ConfigError
 #: Bumped when the meaning of a run configuration changes, so old keys stop matching.
 KEY_VERSION = 1
 #: Top-level sections a spec may have.
-SECTIONS = {"name", "title", "description", "extends", "salt", "data", "model", "training", "attacks",
+SECTIONS = {"name", "title", "description", "extends", "salt", "only", "data", "model", "training", "attacks",
             "defenses", "grid", "table", "paper_table"}
 #: Metrics a table can show; True where higher is better.
 METRICS: dict[str, bool] = {"acc": True, "asr": False, "lcr": True, "der": True, "time": False,
@@ -108,6 +110,7 @@ class Spec:
     table: dict[str, Any]
     paper_table: dict[str, Any]
     salt: str = ""
+    only: list[str] = field(default_factory=list)  # keep only grid cells these patterns select (see matches)
     source: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -137,6 +140,7 @@ class Spec:
                             run = self._run(att, combo, clean, dfn, seed)
                             if run is not None:
                                 runs.append(run)
+        runs = [r for r in runs if matches(r, self.only)]
         keys = [r.key for r in runs]
         if len(set(keys)) != len(keys):
             raise ConfigError(f"spec {self.name}: two grid cells have the same configuration "
@@ -289,11 +293,42 @@ def parse_spec(doc: dict[str, Any], source: str | None = None) -> Spec:
     spec = Spec(name=name, title=str(doc.get("title", name)), description=str(doc.get("description", "")),
                 data=data, model=model, training=training, attacks=attacks, defenses=defenses, seeds=seeds,
                 clean_sizes=clean_sizes, axes=axes, table=table, paper_table=paper,
-                salt=str(doc.get("salt", "")), source=source, raw=doc)
+                salt=str(doc.get("salt", "")), only=_only(doc.get("only", []), where), source=source, raw=doc)
     dims = spec.dims()  # validates [table] rows
     if "pivot" in table and table["pivot"] not in dims:
         raise ConfigError(f"{where}: [table] pivot must be one of the row dimensions {', '.join(dims)}")
+    if spec.only:
+        every = dataclasses.replace(spec, only=[]).runs()
+        idle = [p for p in spec.only if not any(matches(r, [p]) for r in every)]
+        if idle:
+            raise ConfigError(f"{where}: only = [...] pattern(s) {', '.join(map(repr, idle))} select no run "
+                              f"(runs are labelled like {every[0].label!r})")
     return spec
+
+
+def _only(v: Any, where: str) -> list[str]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+        raise ConfigError(f"{where}: only must be a list of run patterns, e.g. [\"none\", \"ft\", \"badnets/*\"]")
+    return list(v)
+
+
+def matches(run: Run, patterns: list[str]) -> bool:
+    """Whether ``run`` is selected by ``patterns`` (none: all).
+
+    A pattern with ``*``/``?``/``[`` is a glob on the whole label
+    (``attack/axis=value/defense/nSIZE/sSEED``); a plain word must equal one part of it.
+    """
+    if not patterns:
+        return True
+    parts = run.label.split("/")
+    for p in patterns:
+        if any(c in p for c in "*?[") and fnmatch.fnmatchcase(run.label, p):
+            return True
+        if p in parts or p == run.key or p == run.label:
+            return True
+    return False
 
 
 def _table(v: Any, where: str) -> dict[str, Any]:
