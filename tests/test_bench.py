@@ -626,3 +626,11 @@ def test_a_worker_whose_run_is_held_returns_busy_and_leaves_the_log_alone(tmp_pa
         assert run_task(task, str(log)) == BUSY
     assert log.read_text() == "the holder's progress\n" and not (tmp_path / "x.sqlite").exists()
     assert stages.lock_is_free(tmp_path / "run.lock")
+
+
+def test_report_notes_explain_only_the_columns_shown():
+    from fipurify.bench.render import _units
+
+    assert _units(["acc", "asr"]) == "; ACC and ASR in %"
+    assert _units(["asr", "acc", "der"]) == "; ASR, ACC and DER in %"
+    assert "time = purification seconds" in _units(["time"]) and "%" not in _units(["time"])

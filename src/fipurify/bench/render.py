@@ -93,14 +93,28 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 600 else f"{seconds:.0f} s"
 
 
+def _units(columns: list[str]) -> str:
+    """What the shown columns measure, e.g. "; ACC and ASR in %; time = purification seconds (...)"."""
+    pct = [m.upper() for m in columns if m in ("acc", "asr", "lcr", "der")]
+    parts = []
+    if pct:
+        parts.append((", ".join(pct[:-1]) + " and " + pct[-1] if len(pct) > 1 else pct[0]) + " in %")
+    if "time" in columns:
+        parts.append("time = purification seconds (training seconds for training-time defenses)")
+    if "epoch_time" in columns:
+        parts.append("s/epoch = seconds per purification epoch")
+    if "peak_mb" in columns:
+        parts.append("peak MB = growth of peak resident memory during purification (on a GPU: peak allocated GPU memory)")
+    return "".join("; " + p for p in parts)
+
+
 def _notes(t: Table) -> list[str]:
     spec = t.spec
     notes = [f"Spec `{spec.name}`: {t.n_ok} of {t.n_runs} runs finished"
              + (f", {len(t.failed)} failed" if t.failed else "") + (f", {len(t.missing)} not run yet" if t.missing else "")
              + f". Generated {utc_now()}."]
-    notes.append("Mean ± sample standard deviation over seeds (n = finished seeds); ACC, ASR, LCR and DER in %; "
-                 "time = purification seconds (training seconds for training-time defenses). "
-                 "Bold: best defense in the column within its group (no defense excluded).")
+    notes.append("Mean ± sample standard deviation over seeds (n = finished seeds)" + _units(t.columns)
+                 + ". Bold: best defense in the column within its group (no defense excluded).")
     c = t.compute
     if c.get("n_models") or c.get("purify_seconds"):
         by_dev = c.get("train_by_device") or {}
