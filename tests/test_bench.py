@@ -1,6 +1,7 @@
 """Benchmark runner, results store and report: grid expansion, kill-and-resume, concurrent writers, rendering."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -532,29 +533,44 @@ def test_adoption_report_lists_adopted_files_and_counts_the_misses(tmp_path):
     assert lines[4].strip() == "... and 2 more file(s) that are no model of this spec"
 
 
-def test_runners_sharing_a_database_skip_a_held_run_instead_of_waiting(tmp_path):
+@contextlib.contextmanager
+def _held_elsewhere(lock: Path):
+    """Hold ``lock`` as another runner working on that run or model would."""
     import fcntl
 
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+
+
+def _start_runner(tmp: Path) -> subprocess.Popen:
+    """A ``--jobs 1`` runner on the tiny spec in the background (database ``run.sqlite``, cache ``cache-run``)."""
+    return subprocess.Popen(_bench(tmp, "run", "--jobs", "1"), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _ok_rows_once(db: Path, n: int, proc: subprocess.Popen, limit: float = 200) -> dict[str, tuple]:
+    """The finished rows once there are ``n`` of them (or the runner ended, or ``limit`` s passed)."""
+    deadline = time.monotonic() + limit
+    while len(_ok_rows(db)) < n and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    return _ok_rows(db)
+
+
+def test_runners_sharing_a_database_skip_a_held_run_instead_of_waiting(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY)
     first = load_spec(tmp_path / "tiny.toml").runs()[0]  # the run a runner takes first
     db = tmp_path / "run.sqlite"
-    lock = db.with_name(db.name + ".work") / "locks" / f"{first.key}.lock"
-    lock.parent.mkdir(parents=True)
-    held = open(lock, "a")
-    fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as another runner working on that run would
-    proc = subprocess.Popen(_bench(tmp_path, "run", "--jobs", "1"), env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 200
-        while len(_ok_rows(db)) < 3 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        others = _ok_rows(db)
+    with _held_elsewhere(db.with_name(db.name + ".work") / "locks" / f"{first.key}.lock"):
+        proc = _start_runner(tmp_path)
+        others = _ok_rows_once(db, 3, proc)
         # The one free slot went to the three free runs; the held one was neither run nor waited on.
         assert len(others) == 3 and first.key not in others, "the runner waited on the held run"
         assert proc.poll() is None  # it keeps the held run queued
-    finally:
-        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
-        held.close()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     final = _ok_rows(db)
@@ -564,32 +580,19 @@ def test_runners_sharing_a_database_skip_a_held_run_instead_of_waiting(tmp_path)
 def test_runners_sharing_a_cache_train_another_model_instead_of_waiting(tmp_path):
     """While another runner trains the first model (its lock held), a runner trains and
     purifies the second one, then trains the first itself once the lock is free."""
-    import fcntl
-
     from fipurify.bench import stages
 
     (tmp_path / "tiny.toml").write_text(TINY)
     runs = load_spec(tmp_path / "tiny.toml").runs()
     first = runs[0]
     path = stages.model_path(tmp_path / "cache-run", first.model_config(base=True), first.base_model_key)
-    lock = stages.model_lock(path)
-    lock.parent.mkdir(parents=True)
-    held = open(lock, "a")
-    fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as another runner training that model would
     db = tmp_path / "run.sqlite"
-    proc = subprocess.Popen(_bench(tmp_path, "run", "--jobs", "1"), env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     blocked = {r.key for r in runs if r.base_model_key == first.base_model_key}
-    try:
-        deadline = time.monotonic() + 200
-        while len(_ok_rows(db)) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        others = _ok_rows(db)
+    with _held_elsewhere(stages.model_lock(path)):
+        proc = _start_runner(tmp_path)
+        others = _ok_rows_once(db, 2, proc)
         assert len(others) == 2 and not blocked & set(others), "the runner waited on the held model"
         assert not path.exists() and proc.poll() is None  # the held model stays queued, untrained
-    finally:
-        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
-        held.close()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     final = _ok_rows(db)
