@@ -637,3 +637,28 @@ def test_report_notes_explain_only_the_columns_shown():
     assert _units(["acc", "asr"]) == "; ACC and ASR in %"
     assert _units(["asr", "acc", "der"]) == "; ASR, ACC and DER in %"
     assert "time = purification seconds" in _units(["time"]) and "%" not in _units(["time"])
+
+
+def test_oracle_clean_data_and_validation_accuracy_in_a_purify_run(tmp_path):
+    """A defense entry with ``clean_data = "oracle"`` (the capacity check) gets the clean images plus
+    their triggered copies with true labels; every run reports clean validation accuracy on reserve
+    images disjoint from its clean set; entries without the key keep their old run keys."""
+    from fipurify.bench import stages
+
+    import tomllib
+
+    doc = tomllib.loads(TINY)
+    doc["attacks"] = doc["attacks"][:1]
+    doc["defenses"] = [{"name": "ft", "options": {"epochs": 1, "batch_size": 16}},
+                       {"name": "ft", "id": "oracle", "clean_data": "oracle", "options": {"epochs": 1, "batch_size": 16}}]
+    runs = parse_spec(doc).runs()
+    plain, oracle = runs
+    assert "clean_data" not in plain.config["defense"] and oracle.config["defense"]["clean_data"] == "oracle"
+    assert plain.key == parse_spec(tomllib.loads(TINY)).runs()[0].key  # unchanged key without the new field
+    path, meta, _ = stages.train(plain.model_config(), plain.model_key, tmp_path, log=lambda m: None)
+    rows = {r.dims["defense"]: stages.purify(r.config, path) for r in runs}
+    for row in rows.values():
+        assert 0 <= row["val_acc"] <= 1 and row["details"]["val_before"] is not None
+    assert rows["ft"]["details"]["n_clean"] == 20 and rows["oracle"]["details"]["n_clean"] == 40
+    with pytest.raises(ConfigError, match="clean_data"):
+        parse_spec({**doc, "defenses": [{"name": "ft", "clean_data": "test"}]})

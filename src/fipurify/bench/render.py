@@ -95,10 +95,13 @@ def _hours(seconds: float) -> str:
 
 def _units(columns: list[str]) -> str:
     """What the shown columns measure, e.g. "; ACC and ASR in %; time = purification seconds (...)"."""
-    pct = [m.upper() for m in columns if m in ("acc", "asr", "lcr", "der")]
+    pct = [m.upper() if m != "val" else "Val" for m in columns if m in ("acc", "asr", "lcr", "der", "val")]
     parts = []
     if pct:
         parts.append((", ".join(pct[:-1]) + " and " + pct[-1] if len(pct) > 1 else pct[0]) + " in %")
+    if "val" in columns:
+        parts.append("Val = accuracy on 1,000 clean reserve images disjoint from the defense's clean set "
+                     "(the selection figure: clean data only)")
     if "time" in columns:
         parts.append("time = purification seconds (training seconds for training-time defenses)")
     if "epoch_time" in columns:

@@ -15,9 +15,9 @@ from .spec import METRICS, Spec
 from .store import ResultStore
 
 #: Metrics shown as percentages (stored as fractions).
-RATES = ("acc", "asr", "lcr", "der")
+RATES = ("acc", "asr", "lcr", "der", "val")
 #: Column titles.
-TITLES = {"acc": "ACC", "asr": "ASR", "lcr": "LCR", "der": "DER", "time": "Time (s)",
+TITLES = {"acc": "ACC", "asr": "ASR", "lcr": "LCR", "der": "DER", "val": "Val", "time": "Time (s)",
           "epoch_time": "s/epoch", "peak_mb": "Peak MB"}
 DIM_TITLES = {"attack": "Attack", "defense": "Defense", "clean_size": "Clean size"}
 DEFAULT_COLUMNS = ["acc", "asr", "lcr", "der", "time"]
@@ -25,6 +25,8 @@ DEFAULT_COLUMNS = ["acc", "asr", "lcr", "der", "time"]
 
 def metric_value(row: dict[str, Any], metric: str) -> float | None:
     """The value of ``metric`` in a stored result row (None where it does not apply)."""
+    if metric == "val":
+        return row.get("val_acc")
     if metric in RATES:
         return row.get(metric)
     if metric == "time":

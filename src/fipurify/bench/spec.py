@@ -30,8 +30,12 @@ KEY_VERSION = 1
 SECTIONS = {"name", "title", "description", "extends", "salt", "only", "data", "model", "training", "attacks",
             "defenses", "grid", "table", "paper_table"}
 #: Metrics a table can show; True where higher is better.
-METRICS: dict[str, bool] = {"acc": True, "asr": False, "lcr": True, "der": True, "time": False,
+METRICS: dict[str, bool] = {"acc": True, "asr": False, "lcr": True, "der": True, "val": True, "time": False,
                             "epoch_time": False, "peak_mb": False}
+#: What a post-training defense is given: "clean" (the default) is the clean images; "oracle" adds
+#: each clean image again with the attack's trigger and its *true* label. The oracle is a diagnostic
+#: (can the method remove the backdoor when the data points at it?), never a defense: it uses the trigger.
+CLEAN_DATA = ("clean", "oracle")
 #: Roots a ``[[grid.vary]]`` path may start with.
 AXIS_ROOTS = ("data", "model", "training", "attack", "defense")
 
@@ -381,14 +385,21 @@ def _attack_config(e: dict[str, Any], where: str) -> dict[str, Any] | None:
 
 
 def _defense_config(e: dict[str, Any], where: str) -> dict[str, Any]:
-    bad = sorted(set(e) - {"name", "id", "label", "options", "stage"})
+    bad = sorted(set(e) - {"name", "id", "label", "options", "stage", "clean_data"})
     if bad:
-        raise ConfigError(f"{where}: unknown defense key(s) {', '.join(bad)}; known: name, id, label, options, stage")
+        raise ConfigError(f"{where}: unknown defense key(s) {', '.join(bad)}; "
+                          f"known: name, id, label, options, stage, clean_data")
     name = str(e["name"]).lower()
     stage = "none" if name == "none" else str(e.get("stage", "post"))
     if stage not in ("none", "post", "training"):
         raise ConfigError(f"{where}: defense stage must be 'post' (purifies a trained model) or 'training'")
-    return {"name": name, "options": _table(e.get("options", {}), f"{where} options"), "stage": stage}
+    out = {"name": name, "options": _table(e.get("options", {}), f"{where} options"), "stage": stage}
+    if "clean_data" in e:  # only when given, so the keys of every existing run stay as they were
+        if e["clean_data"] not in CLEAN_DATA or stage != "post":
+            raise ConfigError(f"{where}: clean_data must be one of {', '.join(CLEAN_DATA)} "
+                              f"(post-training defenses only), got {e['clean_data']!r}")
+        out["clean_data"] = e["clean_data"]
+    return out
 
 
 def _entries(v: Any, kind: str, where: str, make) -> list[Entry]:

@@ -305,7 +305,11 @@ def purify(run_config: dict[str, Any], path: Path, *, data_root: str | None = No
     model, meta = load_model(path)
     seed = int(run_config["seed"])
     bundle = reload_data(meta, data_root)
-    clean = draw_clean_subset(bundle.reserve, int(run_config["clean_size"]), seed)
+    clean, clean_idx = draw_clean_subset(bundle.reserve, int(run_config["clean_size"]), seed, return_indices=True)
+    validation = clean_validation_set(bundle.reserve, clean_idx, seed)
+    val_before = _accuracy(model, validation) if validation is not None else None
+    if run_config["defense"].get("clean_data") == "oracle":
+        clean = oracle_clean_set(clean, meta)
     before = meta["metrics"]
     defense = make_defense(run_config["defense"], bundle.dataset_info["name"], seed)
     model = model.to(device)
@@ -320,6 +324,7 @@ def purify(run_config: dict[str, Any], path: Path, *, data_root: str | None = No
     wall = time.perf_counter() - t0
     peak = peak_rss_mb()
     after = evaluate_saved(purified, meta, bundle=bundle)
+    val_acc = _accuracy(purified, validation) if validation is not None else None
     report = getattr(defense, "report", {}) or {}
     hist = report.get("history") or []
     secs = report.get("seconds") or {}
@@ -327,14 +332,65 @@ def purify(run_config: dict[str, Any], path: Path, *, data_root: str | None = No
     details = {"defense_report": {k: v for k, v in report.items() if k != "history"},
                "purify_epoch_seconds": [h.get("seconds") for h in hist],
                "train_epoch_seconds": (meta.get("bench") or {}).get("epoch_seconds"),
-               "purify_wall_seconds": wall, "n_clean": len(clean), "model_file": str(path),
+               "purify_wall_seconds": wall, "n_clean": len(clean), "model_file": str(path), "val_before": val_before,
                "n_test": after.get("n_clean"), "n_backdoor": after.get("n_backdoor")}
     return {**model_row(meta), "acc": after["acc"], "asr": after["asr"], "lcr": after["lcr"], "der": der,
-            "purify_seconds": _reported_seconds(secs, wall),
+            "val_acc": val_acc, "purify_seconds": _reported_seconds(secs, wall),
             "purify_epoch_seconds": _mean([h["seconds"] for h in hist if "seconds" in h]),
             "peak_rss_mb": peak, "purify_peak_mb": max(peak - base_rss, 0.0),
             "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else None,
             "details": details}
+
+
+#: Clean reserve images set aside (disjoint from the defense's clean set) to report clean validation
+#: accuracy, the figure a user can select settings by without test data.
+VALIDATION_SIZE = 1000
+
+
+def clean_validation_set(reserve, clean_idx, seed: int):
+    """Up to :data:`VALIDATION_SIZE` reserve images outside the defense's clean set (seeded), or None."""
+    import numpy as np
+
+    rest = np.setdiff1d(np.arange(len(reserve)), np.asarray(clean_idx))
+    if len(rest) == 0:
+        return None
+    rng = np.random.default_rng([int(seed), 7919])
+    pick = np.sort(rng.choice(rest, size=min(VALIDATION_SIZE, len(rest)), replace=False))
+    return reserve.subset(pick, name=f"{reserve.name}-validation")
+
+
+def _accuracy(model, data) -> float:
+    from ..metrics import accuracy, predict
+
+    preds, labels = predict(model, data)
+    return accuracy(preds, labels)
+
+
+class OracleSet:
+    """The capacity-check data (spec ``clean_data = "oracle"``): the clean images, then each of them
+    again with ``attack``'s trigger and its *true* label. A diagnostic, never a defense: it uses the
+    trigger, to ask whether a method *can* remove the backdoor when the data points at it."""
+
+    def __init__(self, clean, attack):
+        self.clean, self.attack = clean, attack
+        self.num_classes = getattr(clean, "num_classes", None)
+
+    def __len__(self) -> int:
+        return 2 * len(self.clean)
+
+    def __getitem__(self, i: int):
+        x, y = self.clean[i % len(self.clean)]
+        return (x, y) if i < len(self.clean) else (self.attack.apply_trigger(x), y)
+
+
+def oracle_clean_set(clean, meta: dict[str, Any]) -> OracleSet:
+    """:class:`OracleSet` of ``clean`` with the attack recorded in a model's metadata."""
+    from .. import attacks
+
+    spec = meta.get("attack")
+    if not spec:
+        raise ConfigError("clean_data = 'oracle' needs a backdoored model (this one has no attack)")
+    return OracleSet(clean, attacks.from_spec(spec))
 
 
 def no_defense_row(meta: dict[str, Any]) -> dict[str, Any]:

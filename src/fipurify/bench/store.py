@@ -25,7 +25,7 @@ COLUMNS: dict[str, str] = {
     "run_key": "TEXT PRIMARY KEY", "spec": "TEXT", "label": "TEXT", "model_key": "TEXT",
     "attack": "TEXT", "defense": "TEXT", "seed": "INTEGER", "clean_size": "INTEGER",
     "config": "TEXT NOT NULL", "status": "TEXT NOT NULL", "error": "TEXT",
-    "acc": "REAL", "asr": "REAL", "lcr": "REAL", "der": "REAL",
+    "acc": "REAL", "asr": "REAL", "lcr": "REAL", "der": "REAL", "val_acc": "REAL",
     "acc_before": "REAL", "asr_before": "REAL", "lcr_before": "REAL",
     "train_seconds": "REAL", "train_epoch_seconds": "REAL", "train_device": "TEXT",
     "purify_seconds": "REAL", "purify_epoch_seconds": "REAL",

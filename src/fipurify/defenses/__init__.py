@@ -7,6 +7,8 @@ from .fineprune import FinePruning, FinePruningConfig
 from .ftsam import FTSAM, FTSAMConfig
 from .mcr import MCR, MCRConfig
 from .nad import NAD, NADConfig
+from .sau import SAU, SAUConfig
+from .fst import FST, FSTConfig
 from .awm import AWM, AWMConfig
 from .ibau import IBAU, IBAUConfig
 from .rnp import RNP, RNPConfig
@@ -19,6 +21,7 @@ __all__ = ["AWM", "AWMConfig", "IBAU", "IBAUConfig", "RNP", "RNPConfig", "Traini
            "TrainingDefenseConfig", "available_training_defenses", "create_training_defense",
            "ANP", "ANPConfig", "CLP", "CLPConfig", "FTSAM", "FTSAMConfig", "FinePruning", "FinePruningConfig",
            "MCR", "MCRConfig", "NAD", "NADConfig",
+           "SAU", "SAUConfig", "FST", "FSTConfig",
            "Defense", "DefenseConfig", "FIP", "FIPConfig", "METHODS", "PAPER_PRESETS", "PurificationDiverged",
            "as_dataset", "available", "check_clean_set", "create", "finetune", "preset", "purify"]
 

@@ -19,6 +19,14 @@ Biases and normalisation layers: frozen in f-FIP by default (``train_bias`` /
 ``train_norm`` unfreeze them; the penalties then cover them too); all trained in FIP.
 The ablations of the paper's Table 7 are configurations of this one class
 (``eta_f=0``, ``eta_r=0``, and vanilla FT = weights space with both at 0).
+
+``trace="released"`` replaces the Tr(F) term by the term the authors' released script computes
+(:mod:`fipurify.defenses.released`: zero-mean gradient noise, not Tr(F)), for comparing "what the
+code does" with "what the paper says".
+
+Logged per epoch (history, progress bar, JSON report): ``ce``; ``trf`` = eta_F * Tr(F) (or
+``noise`` = eta_F * N for the released term) on the steps that evaluate it; ``anchor`` =
+eta_r / 2 * L_r.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -35,9 +44,12 @@ from ..errors import ConfigError
 from .base import Defense, DefenseConfig, EpochCallback
 from .fisher import diag_fisher, fisher_anchor_loss, fisher_trace, snapshot
 from .loop import finetune, make_optimizer
+from .released import released_trace_term
 from .spectral import attach_spectral, fold_spectral
 
 ESTIMATORS = ("sampled", "exact", "empirical")
+#: "fisher": the paper's eta_F * Tr(F); "released": the released script's noise term
+TRACE_TERMS = ("fisher", "released")
 
 
 @dataclass
@@ -50,6 +62,7 @@ class FIPConfig(DefenseConfig):
     estimator: str = "exact"
     fisher_sub_batch: int = 32
     fisher_normalize: str = "mean"
+    trace: str = "fisher"
     anchor_update: str = "proximal"
     optimizer: str = "sgd"
     train_bias: bool = False
@@ -67,6 +80,8 @@ class FIPConfig(DefenseConfig):
             raise ConfigError(f"fisher_every must be >= 1, got {self.fisher_every}")
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"unknown Tr(F) estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if self.trace not in TRACE_TERMS:
+            raise ConfigError(f"trace must be one of {', '.join(TRACE_TERMS)}, got {self.trace!r}")
         if self.fisher_normalize not in ("none", "mean", "max"):
             raise ConfigError("fisher_normalize must be 'none', 'mean' or 'max'")
         if self.anchor_update not in ("proximal", "gradient"):
@@ -124,18 +139,28 @@ class FIP(Defense):
         fisher_s = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(cfg.seed + 1)
 
+        released = cfg.trace == "released"
+
+        def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+            # the released term reuses the CE forward pass, as the authors' script does
+            logits = m(x)
+            terms = {"ce": F.cross_entropy(logits, y)}
+            if cfg.eta_f > 0 and step % cfg.fisher_every == 0:
+                terms["noise"] = cfg.eta_f * released_trace_term(logits, y, params, generator=gen)
+            return terms
+
         def penalty(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
             terms: dict[str, torch.Tensor] = {}
-            if cfg.eta_f > 0 and step % cfg.fisher_every == 0:
+            if not released and cfg.eta_f > 0 and step % cfg.fisher_every == 0:
                 trf = fisher_trace(m, x, params, estimator=cfg.estimator, y=y,
                                    sub_batch=cfg.fisher_sub_batch, generator=gen)
                 terms["trf"] = cfg.eta_f * trf
             if cfg.eta_r > 0:
                 if cfg.anchor_update == "gradient":
-                    terms["lr"] = 0.5 * cfg.eta_r * fisher_anchor_loss(params, anchor, fdiag)
+                    terms["anchor"] = 0.5 * cfg.eta_r * fisher_anchor_loss(params, anchor, fdiag)
                 else:  # logged only; the term acts through the proximal step below
                     with torch.no_grad():
-                        terms["lr"] = 0.5 * cfg.eta_r * fisher_anchor_loss(params, anchor, fdiag)
+                        terms["anchor"] = 0.5 * cfg.eta_r * fisher_anchor_loss(params, anchor, fdiag)
             return terms
 
         @torch.no_grad()
@@ -148,6 +173,7 @@ class FIP(Defense):
 
         opt = make_optimizer(params, cfg, cfg.optimizer)
         history = finetune(model, params, train_set, cfg, holdout=holdout, penalty=penalty, optimizer=opt,
+                           objective=objective if released else None,
                            post_step=proximal if cfg.eta_r > 0 and cfg.anchor_update == "proximal" else None,
                            progress=progress, callback=callback, desc=self.method_name())
         if cfg.space == "spectral":

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
 from ..augment import random_crop_flip
@@ -52,6 +52,17 @@ def make_optimizer(params: Sequence[torch.Tensor], cfg: DefenseConfig, kind: str
     raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {kind!r}")
 
 
+def clean_loader(train_set: Dataset, cfg: DefenseConfig, generator: torch.Generator) -> DataLoader:
+    """Batches of one epoch: a shuffled pass over ``train_set``, or ``cfg.steps_per_epoch`` batches
+    drawn with replacement when that is positive."""
+    batch = min(cfg.batch_size, len(train_set))
+    if cfg.steps_per_epoch > 0:
+        sampler = RandomSampler(train_set, replacement=True, num_samples=cfg.steps_per_epoch * batch,
+                                generator=generator)
+        return DataLoader(train_set, batch_size=batch, sampler=sampler)
+    return DataLoader(train_set, batch_size=batch, shuffle=True, generator=generator)
+
+
 def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Dataset, cfg: DefenseConfig, *,
              holdout: Dataset | None = None, penalty: PenaltyFn | None = None,
              optimizer: torch.optim.Optimizer | None = None, post_step: Callable[[float], None] | None = None,
@@ -78,8 +89,7 @@ def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Datase
         raise FipurifyError("nothing to train: no parameter requires a gradient")
     device = params[0].device
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=min(cfg.batch_size, len(train_set)), shuffle=True,
-                        generator=gen)
+    loader = clean_loader(train_set, cfg, gen)
     opt = optimizer or make_optimizer(params, cfg)
     sched = scheduler(opt) if scheduler is not None \
         else torch.optim.lr_scheduler.MultiStepLR(opt, [m for m in cfg.milestones], cfg.gamma)
@@ -126,8 +136,7 @@ def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Datase
                     counts[k] = counts.get(k, 0) + 1
                 step += 1
                 bar.update(1)
-                first = next(iter(terms))
-                bar.set_postfix(epoch=epoch, **{first: f"{terms[first].item():.3f}"})
+                bar.set_postfix(epoch=epoch, **{k: f"{v.item():.3g}" for k, v in terms.items()})
             sched.step()
             rec: dict[str, Any] = {"epoch": epoch, **{k: sums[k] / counts[k] for k in sums},
                                    "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}

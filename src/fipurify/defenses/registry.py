@@ -6,6 +6,7 @@ from typing import Any
 from ..errors import ConfigError
 from .base import Defense
 from .fip import FIP
+from .released import RELEASED_OBJECTIVE, RELEASED_REGIME
 from .awm import AWM
 from .ibau import IBAU
 from .rnp import RNP
@@ -15,6 +16,8 @@ from .fineprune import FinePruning
 from .ftsam import FTSAM
 from .mcr import MCR
 from .nad import NAD
+from .sau import SAU
+from .fst import FST
 
 # The paper's per-dataset FIP settings (appendix A.3.2): clean-set share, epochs, schedule.
 PAPER_PRESETS: dict[str, dict[str, Any]] = {
@@ -32,6 +35,8 @@ METHODS: dict[str, tuple[type[Defense], dict[str, Any]]] = {
     "ffip-no-trf": (FIP, {"space": "spectral", "eta_f": 0.0}),
     "ffip-no-lr": (FIP, {"space": "spectral", "eta_r": 0.0}),
     "ft": (FIP, {"space": "weights", "eta_f": 0.0, "eta_r": 0.0}),
+    # the authors' released script: its noise term in its regime (fipurify.defenses.released)
+    "fip-released": (FIP, {**RELEASED_OBJECTIVE, **RELEASED_REGIME}),
     "i-bau": (IBAU, IBAU.paper_schedule()),
     "awm": (AWM, AWM.paper_schedule()),
     "rnp": (RNP, RNP.paper_schedule()),
@@ -42,6 +47,8 @@ METHODS: dict[str, tuple[type[Defense], dict[str, Any]]] = {
     "mcr": (MCR, MCR.paper_schedule()),
     "clp": (CLP, CLP.paper_schedule()),
     "anp": (ANP, ANP.paper_schedule()),
+    "sau": (SAU, SAU.paper_schedule()),
+    "fst": (FST, FST.paper_schedule()),
 }
 
 
