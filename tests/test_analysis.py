@@ -302,3 +302,13 @@ def test_cli_analyze_and_scan_on_a_tiny_saved_model(tmp_path, monkeypatch, capsy
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["ratios"]["lambda_max"] == pytest.approx(1.0)
     assert main(["analyze", str(model), "--n", "0", "--quiet"]) == 2
+
+
+def test_batches_are_contiguous_even_from_channels_last_images():
+    # NHWC arrays permuted to NCHW are channels-last in memory; torch 2.13's CPU double backward of a
+    # convolution on such inputs corrupts the heap (the analyze CLI crashed), so batches are made contiguous.
+    from fipurify.analysis.data import as_batches
+    x = torch.rand(6, 8, 8, 3).permute(0, 3, 1, 2)
+    assert not x.is_contiguous()
+    (bx, by), = as_batches((x, torch.zeros(6, dtype=torch.long)))
+    assert bx.is_contiguous() and torch.equal(bx, x)

@@ -60,6 +60,10 @@ def as_batches(data: Any, batch_size: int | None = None, device: torch.device | 
         if limit is not None:
             x, y = x[:limit - seen], y[:limit - seen]
         if len(x):
+            # Contiguous (NCHW) inputs: images permuted from NHWC arrays are channels-last in memory, and
+            # torch 2.13's CPU double backward of a convolution on such an input corrupts the heap
+            # (seen as "corrupted size vs. prev_size" / a segfault in the first Hessian-vector product).
+            x = x.contiguous()
             out.append((x.to(device) if device is not None else x, y.to(device) if device is not None else y))
             seen += len(x)
         if limit is not None and seen >= limit:

@@ -29,7 +29,7 @@ def draw_sample(bundle: DataBundle, split: str, n: int, seed: int = 0) -> tuple[
     """
     ds = {"train": bundle.train, "reserve": bundle.reserve, "test": bundle.test}[split]
     sub = datasets.draw_clean_subset(ds, min(int(n), len(ds)), seed)
-    x = torch.from_numpy(sub.images).permute(0, 3, 1, 2).float().div_(255.0)
+    x = torch.from_numpy(sub.images).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
     return x, torch.from_numpy(sub.labels.astype("int64"))
 
 
