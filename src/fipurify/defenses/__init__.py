@@ -9,6 +9,8 @@ from .mcr import MCR, MCRConfig
 from .nad import NAD, NADConfig
 from .sau import SAU, SAUConfig
 from .fst import FST, FSTConfig
+from .bti_dbf import BTIDBF, BTIDBFConfig
+from .nft import NFT, NFTConfig
 from .awm import AWM, AWMConfig
 from .ibau import IBAU, IBAUConfig
 from .rnp import RNP, RNPConfig
@@ -22,6 +24,7 @@ __all__ = ["AWM", "AWMConfig", "IBAU", "IBAUConfig", "RNP", "RNPConfig", "Traini
            "ANP", "ANPConfig", "CLP", "CLPConfig", "FTSAM", "FTSAMConfig", "FinePruning", "FinePruningConfig",
            "MCR", "MCRConfig", "NAD", "NADConfig",
            "SAU", "SAUConfig", "FST", "FSTConfig",
+           "BTIDBF", "BTIDBFConfig", "NFT", "NFTConfig",
            "Defense", "DefenseConfig", "FIP", "FIPConfig", "METHODS", "PAPER_PRESETS", "PurificationDiverged",
            "as_dataset", "available", "check_clean_set", "create", "finetune", "preset", "purify"]
 

@@ -18,6 +18,8 @@ from .mcr import MCR
 from .nad import NAD
 from .sau import SAU
 from .fst import FST
+from .bti_dbf import BTIDBF
+from .nft import NFT
 
 # The paper's per-dataset FIP settings (appendix A.3.2): clean-set share, epochs, schedule.
 PAPER_PRESETS: dict[str, dict[str, Any]] = {
@@ -49,6 +51,16 @@ METHODS: dict[str, tuple[type[Defense], dict[str, Any]]] = {
     "anp": (ANP, ANP.paper_schedule()),
     "sau": (SAU, SAU.paper_schedule()),
     "fst": (FST, FST.paper_schedule()),
+    "bti-dbf": (BTIDBF, BTIDBF.paper_schedule()),
+    # BTI-DBF(U) with path-aware minimisation, in the PAM authors' unlearning setting (bti_dbf.py)
+    "bti-dbf-pam": (BTIDBF, {**BTIDBF.paper_schedule(), "pam": True, "pam_rho": 0.5, "optimizer": "sgd", "lr": 0.01,
+                             "momentum": 0.1, "poison_share": 0.2, "feature_weight": 0.0, "rounds": 3}),
+    "nft": (NFT, NFT.paper_schedule()),
+    # FT-SAM as BackdoorBench runs it (defense/ft-sam.py, config/defense/ft-sam/cifar10.yaml, with 5% clean data
+    # there); "ft-sam" is the FIP paper's A.3.3 setting
+    "ft-sam-bb": (FTSAM, {**FTSAM.paper_schedule(), "epochs": 100, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+                          "batch_size": 256, "schedule": "cosine", "milestones": (), "rho": 2.0, "adaptive": True,
+                          "label_smoothing": 0.1, "augment": True, "flip": True}),
 }
 
 
