@@ -67,3 +67,148 @@ def test_purify_writes_model_and_report(data_root, capsys):
     assert main(["purify", str(model), "--clean-size", "5", "--quiet", "--out", str(data_root / "q.safetensors")]) == 2
     assert "at least 10" in capsys.readouterr().err
     assert not (data_root / "q.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- inputs checked before compute
+def _cifar_like_model(tmp_path):
+    """A tiny preactresnet18 imported as a CIFAR-10 model (its metadata names cifar10 and its classes)."""
+    import torch
+
+    from fipurify import models
+    torch.manual_seed(0)
+    net = models.create("preactresnet18", num_classes=10, width=4)
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    assert main(["import", "--arch", "preactresnet18", "--arch-args", '{"num_classes": 10, "width": 4}',
+                 "--weights", str(tmp_path / "net.pt"), "--dataset", "cifar10",
+                 "--out", str(tmp_path / "m.safetensors")]) == 0
+    return tmp_path / "m.safetensors"
+
+
+def _folder(root, classes, n=2, size=32):
+    import numpy as np
+    from PIL import Image
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.full((size, size, 3), 17 * i, dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def _one_line(capsys) -> str:
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("fipurify: error:"), err
+    return err[0]
+
+
+def test_output_path_is_checked_before_anything(data_root, capsys, monkeypatch):
+    monkeypatch.chdir(data_root)
+    model = _cifar_like_model(data_root)
+    (data_root / "link.safetensors").symlink_to(model)
+    (data_root / "outdir").mkdir()
+    before = model.read_bytes()
+    capsys.readouterr()
+    cases = [("m.safetensors", "is the input"), ("./m.safetensors", "is the input"),
+             (str(data_root / "sub" / ".." / "m.safetensors"), "is the input"),
+             ("link.safetensors", "is the input"), ("outdir", "is a directory"),
+             ("missing/p.safetensors", "--mkdir")]
+    for out, message in cases:
+        assert main(["purify", "m.safetensors", "--clean-dir", "nowhere", "--no-eval", "--out", out]) == 2, out
+        assert message in _one_line(capsys), out
+    assert model.read_bytes() == before and not (data_root / "missing").exists()
+    assert main(["purify", "link.safetensors", "--no-eval", "--clean-dir", "x", "--out", "m.safetensors"]) == 2
+    assert "is the input" in _one_line(capsys)
+    assert main(["train", "--dataset", "synthetic", "--out", "outdir"]) == 2
+    assert "is a directory" in _one_line(capsys)
+    # --mkdir creates the folder
+    assert main(["import", "--arch", "preactresnet18", "--arch-args", '{"num_classes": 10, "width": 4}',
+                 "--weights", "net.pt", "--mkdir", "--out", "new/dir/m.safetensors"]) == 0
+    assert (data_root / "new" / "dir" / "m.safetensors").exists()
+
+
+def test_missing_test_data_is_reported_before_purifying(data_root, capsys):
+    import time
+    model = _cifar_like_model(data_root)
+    _folder(data_root / "clean", ["airplane", "cat"])
+    (data_root / "empty").mkdir()
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    assert main(["purify", str(model), "--clean-dir", str(data_root / "clean"), "--data-root", str(data_root / "empty"),
+                 "--out", str(data_root / "p.safetensors")]) == 2
+    line = _one_line(capsys)
+    assert "cifar" in line.lower() and "--no-eval" in line
+    assert time.perf_counter() - t0 < 10 and not (data_root / "p.safetensors").exists()
+
+
+def test_class_count_mismatch_is_one_short_line(data_root, capsys):
+    model = _cifar_like_model(data_root)
+    _folder(data_root / "gtsrb", [f"{i:05d}" for i in range(43)], n=1)
+    capsys.readouterr()
+    assert main(["purify", str(model), "--clean-dir", str(data_root / "gtsrb"), "--no-eval",
+                 "--out", str(data_root / "p.safetensors")]) == 2
+    line = _one_line(capsys)
+    assert "the model predicts 10 classes, the folder" in line and "has 43" in line and "00042" not in line
+
+
+def test_resized_clean_images_are_announced(data_root, capsys):
+    from fipurify import load_model
+    from fipurify.workflow import load_clean_folder
+    model, meta = load_model(_cifar_like_model(data_root))
+    _folder(data_root / "big", ["cat", "dog"], size=64)
+    warnings = []
+    data = load_clean_folder(model, meta, str(data_root / "big"), warn=warnings.append)
+    assert tuple(data.image_shape) == (3, 32, 32) and len(data) == 4
+    assert any("64x64" in w and "32x32" in w for w in warnings)
+
+
+def test_directory_as_model_and_debug_traceback(data_root, capsys):
+    assert main(["evaluate", str(data_root)]) == 2
+    assert "is a directory" in _one_line(capsys)
+    assert main(["--debug", "evaluate", str(data_root)]) == 2
+    err = capsys.readouterr().err.rstrip("\n").splitlines()
+    assert err[0].startswith("Traceback")
+    assert err[-1].startswith("fipurify: error:") and "is a directory" in err[-1]
+    assert err[-2].startswith("fipurify.errors.ModelFileError:")
+
+
+# --------------------------------------------------------------------------- help that answers
+def test_every_argument_has_help_with_default_or_choices():
+    import argparse
+
+    from fipurify.cli import build_parser
+    mine = ("train", "evaluate", "purify", "demo", "import", "analyze", "scan", "bench", "report")
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name in mine:
+        for action in sub.choices[name]._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = action.help or ""
+            label = f"{name} {action.dest}"
+            if not text:
+                missing.append(label)
+            elif action.option_strings and not ("default" in text or action.required):
+                missing.append(label + " (no default)")
+    assert not missing, missing
+    # choices and defaults show in the rendered help
+    text = sub.choices["train"].format_help()
+    for word in ("onecycle", "cosine", "preactresnet18", "vit_small", "(default: 128)"):
+        assert word in text, word
+    assert "%(default)" not in sub.choices["purify"].format_help()
+
+
+def test_training_prints_parameters_and_a_duration_estimate():
+    import torch
+
+    from fipurify import models
+    from fipurify.datasets.synthetic import synthetic
+    from fipurify.training import TrainConfig, format_duration, train_model
+    assert format_duration(3 * 3600 + 40 * 60) == "3 h 40 min" and format_duration(42) == "42 s"
+    torch.manual_seed(0)
+    net = models.create("preactresnet18", num_classes=4, width=2, input_size=16)
+    data = synthetic(n=80, num_classes=4, image_size=16, seed=0, split="train")
+    lines = []
+    train_model(net, data, TrainConfig(epochs=2, batch_size=8, augment=False), progress=False, log=lines.append)
+    assert any("parameters" in ln for ln in lines)
+    estimate = [ln for ln in lines if ln.startswith("about ")]
+    assert len(estimate) == 1 and "for 2 epochs at this speed" in estimate[0]

@@ -82,3 +82,29 @@ def test_atomic_output_gives_the_usual_file_mode(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_directory_truncated_and_pytorch_files_get_clear_messages(tmp_path):
+    with pytest.raises(ModelFileError, match="is a directory"):
+        fipurify.load_model(tmp_path)
+    path = fipurify.save_model(_tiny(), tmp_path / "m.safetensors", {})
+    raw = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 3])
+    with pytest.raises(ModelFileError, match="truncated or corrupt") as info:
+        fipurify.load_model(tmp_path / "cut.safetensors")
+    assert "unpickles" not in str(info.value)
+    torch.save(_tiny().state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(ModelFileError, match="--weights sd.pt") as info:
+        fipurify.load_model(tmp_path / "sd.pt")
+    assert "fipurify import" in str(info.value)
+
+
+def test_weights_loader_reads_state_dicts_and_refuses_modules(tmp_path):
+    from fipurify.models.external import load_weights
+    net = _tiny()
+    torch.save({"state_dict": net.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")  # common checkpoint layout
+    state = load_weights(tmp_path / "ckpt.pt")
+    assert state.keys() == net.state_dict().keys()
+    torch.save(net, tmp_path / "whole.pt")
+    with pytest.raises(ModelFileError, match=r"model\.state_dict\(\)"):
+        load_weights(tmp_path / "whole.pt")

@@ -7,6 +7,7 @@ Public entry points::
     fipurify.attacks.create(name, target=0, poison_rate=0.1, **kw)
     fipurify.metrics.evaluate(model, clean_test, backdoor_test)
     fipurify.purify(model, clean_data, method="ffip", **options)
+    fipurify.detect(model, clean_data, method="neural-cleanse", **options) -> DetectionReport
     fipurify.save_model(model, path, metadata) / fipurify.load_model(path)
 """
 __version__ = "0.1.0"
@@ -20,4 +21,17 @@ def purify(model, clean_data, method: str = "ffip", **options):
     return _purify(model, clean_data, method=method, **options)
 
 
-__all__ = ["__version__", "load_model", "purify", "save_model"]
+def detect(model, clean_data, method: str = "neural-cleanse", **options):
+    """Is ``model`` backdoored, and toward which class? From ``clean_data`` alone (see :mod:`fipurify.detection`)."""
+    from .detection import detect as _detect
+    return _detect(model, clean_data, method=method, **options)
+
+
+def __getattr__(name: str):
+    if name == "DetectionReport":  # imported on first use, like the detectors themselves
+        from .detection.report import DetectionReport
+        return DetectionReport
+    raise AttributeError(f"module 'fipurify' has no attribute {name!r}")
+
+
+__all__ = ["DetectionReport", "__version__", "detect", "load_model", "purify", "save_model"]

@@ -16,7 +16,8 @@ from .errors import FipurifyError
 
 #: Modules adding sub-commands: each has ``register(subparsers)`` which adds its parsers
 #: with ``set_defaults(func=...)``; the function returns the exit status.
-COMMAND_MODULES: tuple[str, ...] = ("fipurify.bench.commands", "fipurify.analysis.commands")
+COMMAND_MODULES: tuple[str, ...] = ("fipurify.bench.commands", "fipurify.analysis.commands",
+                                    "fipurify.detection.commands")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -42,6 +43,95 @@ def _progress(args) -> bool:
     return not getattr(args, "quiet", False)
 
 
+def _add_model_args(p: argparse.ArgumentParser, what: str | None = "model") -> None:
+    """The model to work on: a fipurify model file (``what``; None: no positional), or your own
+    architecture + weights."""
+    if what is None:
+        p.set_defaults(model=None)
+    else:
+        p.add_argument("model", nargs="?", default=None,
+                       help=f"the {what}: a fipurify .safetensors model file (from train, purify or import); "
+                            "or leave it out and give --arch and --weights")
+    p.add_argument("--arch", default=None, metavar="NAME",
+                   help="your own model's architecture: a fipurify model name (preactresnet18, resnet18, "
+                        "wideresnet16_1, vgg11, vit_small), package.module:factory (a model class or function "
+                        "on PYTHONPATH), torchvision:NAME or timm:NAME (if installed) (default: none)")
+    p.add_argument("--arch-args", default=None, metavar="JSON",
+                   help="keyword arguments of --arch as a JSON object, e.g. '{\"num_classes\": 10, "
+                        "\"width\": 16}' (default: none)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="your own model's weights: safetensors or torch.save(model.state_dict()) "
+                        "(read with weights_only=True; never a pickled model) (default: none)")
+    p.add_argument("--classes", default=None, metavar="NAMES",
+                   help="your own model's class names in label order: a,b,c or a text file with one name "
+                        "per line (default: the clean folder's sub-folder names, sorted)")
+    p.add_argument("--dataset", dest="model_dataset", default=None, choices=["cifar10", "gtsrb"],
+                   help="the dataset your own model was trained for, so its test set can evaluate it "
+                        "(default: none)")
+
+
+def _class_names(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    path = Path(value)
+    if path.is_file():  # one name per line
+        names = [line.strip() for line in path.read_text().splitlines()]
+    else:
+        names = [c.strip() for c in value.split(",")]
+    names = [n for n in names if n]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise FipurifyError(f"--classes needs two or more distinct names, got {value!r}")
+    return names
+
+
+def _dataset_facts(name: str) -> dict[str, Any]:
+    """What a named dataset's model metadata records (as training does), without loading it."""
+    from . import datasets
+
+    info = datasets.dataset_info(name)
+    classes = {"cifar10": datasets.CIFAR10_CLASSES, "gtsrb": datasets.GTSRB_CLASSES}[name]
+    return {"name": name, "num_classes": info.num_classes, "classes": list(classes),
+            "image_shape": [info.channels, info.image_size, info.image_size]}
+
+
+def _open_model(args):
+    """``(model, metadata)`` from a model file or from --arch/--weights (see :func:`_add_model_args`)."""
+    from .io import open_model
+
+    classes = _class_names(getattr(args, "classes", None))
+    ds = getattr(args, "model_dataset", None)
+    if args.model is not None and (classes or ds):
+        raise FipurifyError("--classes and --dataset describe your own model (--arch/--weights); "
+                            "a fipurify model file records them itself")
+    model, meta = open_model(args.model, args.arch, args.arch_args, args.weights, classes)
+    if args.model is None and ds:
+        meta["dataset"] = _dataset_facts(ds)
+        if classes and len(classes) != meta["dataset"]["num_classes"]:
+            raise FipurifyError(f"--classes names {len(classes)} classes, {ds} has {meta['dataset']['num_classes']}")
+    return model, meta
+
+
+def _model_label(args) -> str:
+    return Path(args.model).name if args.model is not None else Path(args.weights).name
+
+
+def _check_model_inputs(args) -> None:
+    """Fail on a missing/directory model or weights file before anything else is read."""
+    from .models.external import check_model_path
+
+    for path in (args.model, getattr(args, "weights", None)):
+        if path is not None:
+            check_model_path(path)
+
+
+def _check_out(args, path: str | None, flag: str = "--out") -> None:
+    from .validation import check_output_path
+
+    if path is not None:
+        check_output_path(path, [getattr(args, "model", None), getattr(args, "weights", None)],
+                          getattr(args, "mkdir", False), flag)
+
+
 def cmd_train(args) -> int:
     from . import attacks, models
     from .io import atomic_write_text, save_model
@@ -52,6 +142,8 @@ def cmd_train(args) -> int:
                       weight_decay=args.weight_decay, seed=args.seed, flip=not args.no_flip,
                       eval_every=args.eval_every, smoothness_penalty=args.smoothness_penalty).validate()
     models.canonical_name(args.arch)  # fail on a bad name before loading any data
+    _check_out(args, args.out)
+    _check_out(args, args.json, "--json")
     attack = None
     if args.attack != "none":
         attack = attacks.create(args.attack, target=args.target, poison_rate=args.poison_rate,
@@ -95,13 +187,18 @@ def _reserve(v: str) -> int | float:
 
 
 def cmd_evaluate(args) -> int:
-    from .io import atomic_write_text, load_model
+    from .io import atomic_write_text
     from .metrics import format_table
     from .workflow import evaluate_saved
 
-    model, meta = load_model(args.model)
+    _check_model_inputs(args)
+    _check_out(args, args.json, "--json")
+    model, meta = _open_model(args)
+    if not meta.get("dataset"):
+        raise FipurifyError(f"{_model_label(args)} records no dataset to evaluate it on: give your own model's "
+                            "--dataset (cifar10, gtsrb), or evaluate it in Python with fipurify.metrics.evaluate")
     res = evaluate_saved(model, meta, args.data_root)
-    row = {"model": Path(args.model).name, **res}
+    row = {"model": _model_label(args), **res}
     print(format_table([row], ["model", "acc", "asr", "lcr", "n_clean", "n_backdoor"]))
     if args.json:
         atomic_write_text(args.json, json.dumps(row, indent=2))
@@ -113,29 +210,52 @@ def _parse_options(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in out.items()}
 
 
-def _clean_set(args, meta: dict[str, Any]):
+def _clean_set(args, model, meta: dict[str, Any]):
     """The clean purification set: a user's image folder, or N images from the model's clean reserve."""
     from . import datasets
-    from .workflow import reload_data
+    from .workflow import load_clean_folder, reload_data
 
+    if args.clean_size is not None and args.clean_size < 1:
+        raise FipurifyError(f"--clean-size must be at least 1, got {args.clean_size}")
     if args.clean_dir:
-        shape = meta.get("dataset", {}).get("image_shape")
-        classes = meta.get("dataset", {}).get("classes")
-        data = datasets.load("imagefolder", root=args.clean_dir, split=None, classes=classes,
-                             size=shape[1:] if shape else None)
+        data = load_clean_folder(model, meta, args.clean_dir,
+                                 warn=lambda m: print(f"fipurify: warning: {m}", file=sys.stderr))
+        where = f"the folder {args.clean_dir}"
     else:
+        if not meta.get("clean_reserve"):
+            raise FipurifyError(f"{_model_label(args)} records no clean reserve (it was not trained with "
+                                "fipurify): pass --clean-dir FOLDER of clean images (FOLDER/<class>/*.png)")
         data = reload_data(meta, args.data_root).reserve
+        where = "the model's clean reserve"
     n = args.clean_size if args.clean_size is not None else len(data)
+    if n > len(data):
+        raise FipurifyError(f"--clean-size {n} is more than the {len(data)} images in {where}")
     return datasets.draw_clean_subset(data, n, args.seed)
 
 
 def cmd_purify(args) -> int:
     from . import defenses
-    from .io import atomic_write_text, load_model, save_model
+    from .errors import DataError
+    from .io import atomic_write_text, save_model
     from .metrics import defense_effectiveness_rate, format_table
     from .workflow import evaluate_saved, reload_test_only
 
-    model, meta = load_model(args.model)
+    _check_model_inputs(args)
+    report_path = args.report or str(Path(args.out).with_suffix(".json"))
+    _check_out(args, args.out)
+    _check_out(args, report_path, "--report")
+    if Path(report_path).expanduser().resolve() == Path(args.out).expanduser().resolve():
+        raise FipurifyError(f"--report {report_path} is the --out file; name another file")
+    model, meta = _open_model(args)
+    test_data = None
+    if not args.no_eval:  # the test set is needed after purifying: find it before
+        if not meta.get("dataset"):
+            raise FipurifyError(f"{_model_label(args)} records no dataset to evaluate it on: pass --no-eval "
+                                "(or your own model's --dataset cifar10|gtsrb)")
+        try:
+            test_data = reload_test_only(meta, args.data_root)  # loaded once for before and after
+        except DataError as e:
+            raise DataError(f"{e}; or pass --no-eval to purify without the before/after evaluation") from None
     options = _parse_options(args.set)
     for key in ("epochs", "lr", "eta_f", "eta_r"):
         if getattr(args, key) is not None:
@@ -143,18 +263,26 @@ def cmd_purify(args) -> int:
     options.setdefault("seed", args.seed)
     ds_name = meta.get("dataset", {}).get("name")
     defense = defenses.create(args.method, dataset=ds_name if ds_name in defenses.PAPER_PRESETS else None, **options)
-    clean = _clean_set(args, meta)
-    print(f"purifying {Path(args.model).name} with {args.method} on {len(clean)} clean images", file=sys.stderr)
+    clean = _clean_set(args, model, meta)
+    print(f"purifying {_model_label(args)} with {args.method} on {len(clean)} clean images", file=sys.stderr)
 
     def log(rec: dict[str, Any]) -> None:
-        terms = "  ".join(f"{k} {rec[k]:.4f}" for k in ("ce", "trf", "lr") if k in rec)
+        terms = "  ".join(f"{k} {rec[k]:.4f}" for k in ("ce", "trf", "noise", "anchor") if k in rec)
         acc = f"  holdout-acc {100 * rec['holdout_acc']:.2f}" if "holdout_acc" in rec else ""
         print(f"epoch {rec['epoch']:3d}  {terms}{acc}  ({rec['seconds']:.2f}s)", file=sys.stderr)
 
+    check = None
+    if args.verify:  # the backdoor detector before purifying (clean data only; bad clean data fails here)
+        from .detection.verify import PurificationCheck, format_comparison
+        check = PurificationCheck(model, clean, seed=args.seed,
+                                  log=None if args.quiet else (lambda m: print(f"detector: {m}", file=sys.stderr)))
     purified = defense.purify(model, clean, progress=_progress(args), callback=None if args.quiet else log)
-    report = {"model": str(args.model), "clean_size": len(clean), **defense.report}
-    if not args.no_eval and meta.get("dataset"):
-        test_data = reload_test_only(meta, args.data_root)  # load the test set once for both
+    report = {"model": str(args.model if args.model is not None else args.weights), "clean_size": len(clean),
+              **defense.report}
+    if check is not None:
+        report["detector"] = check.after(purified)
+        print(format_comparison(report["detector"]))
+    if test_data is not None:
         before = evaluate_saved(model, meta, bundle=test_data)
         after = evaluate_saved(purified, meta, bundle=test_data)
         report["before"], report["after"] = before, after
@@ -162,11 +290,39 @@ def cmd_purify(args) -> int:
         if before["asr"] is not None:
             rows[1]["der"] = defense_effectiveness_rate(before, after)
         print(format_table(rows, ["model", "acc", "asr", "lcr", "der"]))
-    new_meta = {k: v for k, v in meta.items() if k not in ("arch", "arch_kwargs", "history")}
+    drop = ("arch", "arch_kwargs", "history") if getattr(purified, "fipurify_spec", None) else ("history",)
+    new_meta = {k: v for k, v in meta.items() if k not in drop}
     new_meta["purification"] = {k: v for k, v in report.items() if k != "history"}
     save_model(purified, args.out, new_meta)
-    atomic_write_text(args.report or str(Path(args.out).with_suffix(".json")), json.dumps(report, indent=2))
+    atomic_write_text(report_path, json.dumps(report, indent=2))
     print(f"saved {args.out} ({report['seconds']['total']:.1f}s)")
+    return 0
+
+
+def cmd_import(args) -> int:
+    """Wrap a model given as architecture + weights into a fipurify model file with its metadata."""
+    from . import __version__
+    from .io import save_model
+    from .workflow import probe_model
+
+    _check_model_inputs(args)
+    _check_out(args, args.out)
+    model, meta = _open_model(args)
+    ds = meta.get("dataset")
+    if ds:
+        outputs = probe_model(model, tuple(ds["image_shape"]))
+        if outputs != ds["num_classes"]:
+            raise FipurifyError(f"the model predicts {outputs} classes, {ds['name']} has {ds['num_classes']}")
+    elif meta.get("classes") is None:
+        print("fipurify: warning: no --classes or --dataset: class names will come from each clean folder",
+              file=sys.stderr)
+    spec = model.fipurify_spec
+    meta = {k: v for k, v in meta.items() if k not in ("arch", "arch_kwargs")}
+    meta["fipurify_version"] = __version__
+    save_model(model, args.out, meta)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"saved {args.out}: {spec['arch']} with {n_params:,} parameters"
+          + (f", {ds['name']} ({ds['num_classes']} classes)" if ds else ""))
     return 0
 
 
@@ -219,89 +375,126 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="fipurify", description="Remove backdoors from trained PyTorch models.")
     p.add_argument("--version", action="version", version=f"fipurify {__version__}")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks (default: one line per error)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a clean or backdoored model")
-    t.add_argument("--dataset", default="cifar10", help="cifar10, gtsrb, synthetic (default cifar10)")
+    t.add_argument("--dataset", default="cifar10",
+                   help="dataset to train on: cifar10, gtsrb, synthetic (default: %(default)s)")
     _add_data_args(t)
-    t.add_argument("--arch", default="preactresnet18")
-    t.add_argument("--width", type=int, default=None, help="width multiplier base (preactresnet18: 64 = paper)")
-    t.add_argument("--attack", default="badnets", help="attack name, or 'none' for a clean model")
-    t.add_argument("--target", type=int, default=0)
+    from .models import available
+    t.add_argument("--arch", default="preactresnet18",
+                   help=f"architecture: {', '.join(available())} (default: %(default)s)")
+    t.add_argument("--width", type=int, default=None,
+                   help="width multiplier base (preactresnet18: 64 = paper) (default: the architecture's own, "
+                        "64 for preactresnet18)")
+    t.add_argument("--attack", default="badnets", help="attack name, or 'none' for a clean model (default: %(default)s)")
+    t.add_argument("--target", type=int, default=0, help="target label of the backdoor (default: %(default)s)")
     t.add_argument("--poison-rate", type=float, default=None, help="share of eligible images poisoned (default: the attack's own, 0.1; SIG 0.8)")
     t.add_argument("--mode", default=None, choices=["all2one", "all2all"],
-                   help="all2one (default) or all2all; aliases such as troj-all or dyn-all set it themselves")
+                   help="all2one or all2all; aliases such as troj-all or dyn-all set it themselves "
+                        "(default: the attack's own, all2one)")
     t.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra attack option (JSON value), repeatable")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--schedule", default="onecycle")
-    t.add_argument("--no-flip", action="store_true", help="no horizontal flips (e.g. traffic signs)")
-    t.add_argument("--reserve", default="0.1", help="clean reserve held out of training: count or fraction")
-    t.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset of this size")
-    t.add_argument("--eval-every", type=int, default=1)
+                   help="extra attack option (JSON value), repeatable (default: none)")
+    t.add_argument("--epochs", type=int, default=10, help="training epochs (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=0.1, help="peak learning rate of SGD (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=128, help="images per batch (default: %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: %(default)s)")
+    from .training import SCHEDULES
+    t.add_argument("--schedule", default="onecycle", choices=SCHEDULES,
+                   help="learning-rate schedule: %(choices)s (default: %(default)s)")
+    t.add_argument("--no-flip", action="store_true", help="no horizontal flips, e.g. for traffic signs (default: flip)")
+    t.add_argument("--reserve", default="0.1",
+                   help="clean reserve held out of training: count or fraction (default: %(default)s)")
+    t.add_argument("--train-limit", type=int, default=None,
+                   help="train on a seeded subset of this size (default: the whole training set)")
+    t.add_argument("--eval-every", type=int, default=1, help="measure ACC/ASR every N epochs (default: %(default)s)")
     t.add_argument("--defense", default="none",
                    help="train through a training-time defense: abl or cbd (default none); it follows its own "
                         "paper schedule, so --epochs/--lr/--batch-size/--weight-decay/--schedule do not apply: "
                         "set its options with --defense-opt (e.g. isolation_epochs=, finetune_epochs=, "
-                        "unlearn_epochs= for abl; epochs=, backdoor_epochs=, mi_weight= for cbd)")
+                        "unlearn_epochs= for abl; epochs=, backdoor_epochs=, mi_weight= for cbd) "
+                        "(default: %(default)s)")
     t.add_argument("--defense-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="option of the training-time defense (JSON value), repeatable")
+                   help="option of the training-time defense (JSON value), repeatable (default: none)")
     t.add_argument("--smoothness-penalty", type=float, default=0.0, metavar="ETA_F",
                    help="adaptive attack: add ETA_F * Tr(F) to the training loss (paper eq. 5; default 0 = off)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", required=True, help="output .safetensors file")
-    t.add_argument("--json", default=None, help="also write the metadata and history as JSON")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--seed", type=int, default=0, help="random seed of data split, poisoning and training (default: %(default)s)")
+    t.add_argument("--out", required=True, help="output .safetensors file (required; its folder must exist)")
+    t.add_argument("--mkdir", action="store_true", help="create the output folder if missing (default: do not)")
+    t.add_argument("--json", default=None, help="also write the metadata and history as JSON (default: none)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="ACC, ASR and LCR of a saved model on its dataset and attack")
-    e.add_argument("model")
+    _add_model_args(e, "model to evaluate")
     _add_data_args(e)
-    e.add_argument("--json", default=None, help="write the numbers as JSON")
+    e.add_argument("--json", default=None, help="write the numbers as JSON (default: none)")
     e.set_defaults(func=cmd_evaluate)
 
     u = sub.add_parser("purify", help="remove a backdoor with f-FIP (default) or another method")
-    u.add_argument("model")
-    u.add_argument("--method", default="ffip",
-                   help="ffip (default), fip, ft, ffip-no-trf, ffip-no-lr; baselines with their papers' "
-                        "defaults: ft-sam (--set rho=, adaptive=), fp (acc_drop=, prune_ratio=, layer=), "
-                        "nad (betas=, layers=, teacher_epochs=), mcr (t=, ft_epochs=), clp (u=; data-free), "
-                        "anp (eps=, alpha=, threshold=), i-bau (fixed_point_steps=, pert_norm=), awm (alpha=, beta=), "
-                        "rnp (clean_threshold=, prune_threshold=)")
+    _add_model_args(u, "backdoored model")
+    from .defenses.registry import available as _methods  # the help lists what the registry holds
+    u.add_argument("--method", default="ffip", metavar="METHOD",
+                   help="one of " + ", ".join(_methods()) + "; each with its paper's defaults, changed with "
+                        "--set KEY=VALUE (the fields of its config class) (default: %(default)s)")
     u.add_argument("--clean-size", type=int, default=None,
-                   help="clean images drawn from the model's clean reserve (default: the whole reserve)")
-    u.add_argument("--clean-dir", default=None, help="use your own clean images: a folder of class/*.png")
+                   help="clean images drawn (stratified, seeded) from the model's clean reserve or from "
+                        "--clean-dir (default: all of them)")
+    u.add_argument("--clean-dir", default=None, metavar="FOLDER",
+                   help="use your own clean images: FOLDER/<class>/*.png|jpg, one sub-folder per class; "
+                        "needed for a model not trained with fipurify (default: the model's clean reserve)")
     _add_data_args(u)
-    u.add_argument("--epochs", type=int, default=None)
-    u.add_argument("--lr", type=float, default=None)
-    u.add_argument("--eta-f", type=float, default=None, help="weight of the Fisher-trace penalty")
-    u.add_argument("--eta-r", type=float, default=None, help="weight of the clean-Fisher anchor L_r")
+    u.add_argument("--epochs", type=int, default=None,
+                   help="purification epochs (default: the method's preset for the model's dataset)")
+    u.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the method's preset for the model's dataset)")
+    u.add_argument("--eta-f", type=float, default=None,
+                   help="weight of the Fisher-trace penalty (default: the method's preset)")
+    u.add_argument("--eta-r", type=float, default=None,
+                   help="weight of the clean-Fisher anchor L_r (default: the method's preset)")
     u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other option of the method's config (JSON value), repeatable")
-    u.add_argument("--seed", type=int, default=0)
-    u.add_argument("--out", required=True, help="output .safetensors file")
+                   help="any other option of the method's config (JSON value), repeatable (default: none)")
+    u.add_argument("--seed", type=int, default=0, help="seed of the clean subset and of the method (default: %(default)s)")
+    u.add_argument("--out", required=True,
+                   help="output .safetensors file (required; never the input; its folder must exist)")
+    u.add_argument("--mkdir", action="store_true", help="create the output folder if missing (default: do not)")
     u.add_argument("--report", default=None, help="JSON report path (default: OUT with .json)")
-    u.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation on the test set")
-    u.add_argument("--quiet", action="store_true")
+    u.add_argument("--verify", action="store_true",
+                   help="run the neural-cleanse backdoor detector (clean data only) before and after purifying "
+                        "and report both: suspected target, proxy ASR before -> after (default: off)")
+    u.add_argument("--no-eval", action="store_true",
+                   help="skip the before/after evaluation on the model's test set; needed when that test set "
+                        "is not at hand or the model records none (default: evaluate)")
+    u.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines (default: show them)")
     u.set_defaults(func=cmd_purify)
 
     d = sub.add_parser("demo", help="train a small backdoored model, purify it, evaluate before and after")
-    d.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
+    d.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"],
+                   help="cifar10 (falls back to synthetic when it is not found) or synthetic (default: %(default)s)")
     _add_data_args(d)
-    d.add_argument("--attack", default="blend", help="blend (default: learned within a short run), badnets, trojan, sig")
-    d.add_argument("--poison-rate", type=float, default=0.1, help="share of eligible images poisoned")
-    d.add_argument("--width", type=int, default=8)
-    d.add_argument("--epochs", type=int, default=6)
-    d.add_argument("--train-limit", type=int, default=10000, help="training images used (seeded subset)")
-    d.add_argument("--clean-size", type=int, default=500)
-    d.add_argument("--method", default="ffip")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--attack", default="blend",
+                   help="blend (learned within a short run), badnets, trojan, sig (default: %(default)s)")
+    d.add_argument("--poison-rate", type=float, default=0.1, help="share of eligible images poisoned (default: %(default)s)")
+    d.add_argument("--width", type=int, default=8, help="width of the PreActResNet18 (default: %(default)s)")
+    d.add_argument("--epochs", type=int, default=6, help="training epochs (default: %(default)s)")
+    d.add_argument("--train-limit", type=int, default=10000,
+                   help="training images used, a seeded subset (default: %(default)s)")
+    d.add_argument("--clean-size", type=int, default=500,
+                   help="clean images purification uses (default: %(default)s)")
+    d.add_argument("--method", default="ffip", help="purification method, as in purify (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
     d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("import", help="wrap your own model (architecture + weights) into a fipurify model file",
+                       description="Wrap your own model into a fipurify model file, e.g. fipurify import --arch "
+                                   "mypkg.nets:Net --arch-args '{\"num_classes\": 10}' --weights net.pt "
+                                   "--dataset cifar10 --out net.safetensors")
+    _add_model_args(i, None)
+    i.add_argument("--out", required=True, help="output .safetensors file (required; its folder must exist)")
+    i.add_argument("--mkdir", action="store_true", help="create the output folder if missing (default: do not)")
+    i.set_defaults(func=cmd_import)
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
     return p
@@ -313,8 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except FipurifyError as e:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback first, then the error line on a line of its own
+            import traceback
+            sys.stderr.write("".join(traceback.format_exception(e)).rstrip("\n") + "\n")
         print(f"fipurify: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:

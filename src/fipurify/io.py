@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import ModelFileError
+from .errors import ConfigError, ModelFileError
 
 FORMAT = "fipurify-model/1"
 _KEY = "fipurify"
@@ -93,18 +93,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def save_model(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
     """Save ``model`` and JSON-serialisable ``metadata`` to a safetensors file, atomically.
 
-    The model must come from :func:`fipurify.models.create` (it carries
-    ``fipurify_spec``) or ``metadata`` must hold ``"arch"`` and ``"arch_kwargs"``.
+    The architecture is recorded so :func:`load_model` can rebuild it: the model's
+    ``fipurify_spec`` (set by :func:`fipurify.models.create` and
+    :func:`fipurify.models.external.build`), else ``metadata["arch"]`` (a registry name,
+    ``package.module:factory``, ``torchvision:NAME`` or ``timm:NAME``) with
+    ``metadata["arch_kwargs"]``, else the model's own class when it is importable and
+    builds without arguments.
     """
     from safetensors.torch import save
 
+    from .models.external import infer_spec
+
     meta = dict(metadata or {})
     spec = getattr(model, "fipurify_spec", None)
-    if spec is None:
-        if "arch" not in meta:
-            raise ModelFileError("cannot save a model without an architecture spec: build it with "
-                                 "fipurify.models.create or pass metadata={'arch': ..., 'arch_kwargs': {...}}")
+    if spec is None and "arch" in meta:
         spec = {"arch": meta.pop("arch"), "kwargs": meta.pop("arch_kwargs", {})}
+    if spec is None:
+        spec = infer_spec(model)
+    if spec is None:
+        raise ModelFileError(f"cannot save a {type(model).__name__} without an architecture spec: pass "
+                             "metadata={'arch': 'package.module:factory', 'arch_kwargs': {...}} (an importable "
+                             "class or function that builds it), or build it with fipurify.models.external.build")
     state = _plain_state(model)
     doc = {"format": FORMAT, "arch": spec["arch"], "arch_kwargs": spec["kwargs"],
            "metadata": meta, "tensors_sha256": tensors_digest(state)}
@@ -119,17 +128,25 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The fipurify JSON document of a model file, without loading the tensors."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
+    from .models.external import check_model_path, sniff
+
+    path = check_model_path(path)
+    kind = sniff(path)
+    if kind in ("torch-zip", "pickle"):
+        raise ModelFileError(f"{path} is not a safetensors file but a PyTorch file: give it as --arch NAME "
+                             f"--weights {path.name} (or wrap it once: fipurify import --arch NAME --weights "
+                             f"{path.name} --out MODEL.safetensors)")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for non-safetensors input
-        raise ModelFileError(f"{path} is not a safetensors file ({type(e).__name__}: {e}); "
-                             "fipurify never unpickles model files") from None
+        if kind == "safetensors":
+            raise ModelFileError(f"{path}: truncated or corrupt safetensors file ({type(e).__name__}: {e})") from None
+        raise ModelFileError(f"{path} is not a safetensors file ({type(e).__name__}: {e})") from None
     if _KEY not in header:
-        raise ModelFileError(f"{path} is a safetensors file but not a fipurify model (no '{_KEY}' metadata)")
+        raise ModelFileError(f"{path} is a safetensors file but not a fipurify model (no '{_KEY}' metadata): "
+                             f"give it as --arch NAME --weights {path.name}, or wrap it once with "
+                             "fipurify import --arch NAME --weights FILE --out MODEL.safetensors")
     try:
         doc = json.loads(header[_KEY])
     except json.JSONDecodeError as e:
@@ -146,17 +163,17 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """
     from safetensors.torch import load_file
 
-    from . import models
+    from .models import external
 
     doc = read_metadata(path)
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:
-        raise ModelFileError(f"{path}: corrupt tensor data ({type(e).__name__}: {e})") from None
+        raise ModelFileError(f"{path}: truncated or corrupt tensor data ({type(e).__name__}: {e})") from None
     if tensors_digest(state) != doc.get("tensors_sha256"):
         raise ModelFileError(f"{path}: tensor checksum mismatch - the file was modified after it was saved")
-    try:
-        model = models.create(doc["arch"], **doc["arch_kwargs"])
+    try:  # a registry name, or an importable module:factory (imported, never unpickled)
+        model = external.build(doc["arch"], doc["arch_kwargs"])
     except Exception as e:
         raise ModelFileError(f"{path}: cannot rebuild architecture {doc.get('arch')!r}: {e}") from None
     try:
@@ -168,3 +185,30 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     meta.setdefault("arch", doc["arch"])
     meta.setdefault("arch_kwargs", doc["arch_kwargs"])
     return model.to(map_location).eval(), meta
+
+
+def open_model(path: str | os.PathLike | None = None, arch: str | None = None,
+               arch_args: str | Mapping[str, Any] | None = None, weights: str | os.PathLike | None = None,
+               classes: list[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A fipurify model file (``path``) or a user's model (``arch`` + ``weights``), as ``(model, metadata)``.
+
+    A user's model has no dataset in its metadata unless ``classes`` names its classes.
+    """
+    if path is not None and (arch or weights):
+        raise ConfigError("give either a fipurify model file or --arch with --weights, not both")
+    if path is not None:
+        if arch_args:
+            raise ConfigError("--arch-args needs --arch")
+        return load_model(path)
+    if not arch or not weights:
+        raise ConfigError("name the model: a fipurify model file, or --arch NAME --weights FILE "
+                          "(safetensors or torch.save(model.state_dict()))")
+    from .models.external import build, fit_weights, load_weights, parse_arch_args
+
+    state = load_weights(weights)  # before building: a bad file fails fast
+    model = fit_weights(build(arch, parse_arch_args(arch_args)), state, str(weights))
+    meta: dict[str, Any] = {"arch": model.fipurify_spec["arch"], "arch_kwargs": model.fipurify_spec["kwargs"],
+                            "imported_from": Path(weights).name}
+    if classes:
+        meta["classes"] = list(classes)
+    return model.eval(), meta

@@ -21,6 +21,25 @@ from .validation import check_optimisation
 from .metrics import evaluate
 
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
+#: Batches timed before the duration of the whole run is estimated.
+ESTIMATE_AFTER = 5
+
+
+def format_duration(seconds: float) -> str:
+    """``3 h 40 min``, ``12 min``, ``40 s``."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+def duration_estimate(elapsed: float, done: int, total: int, epochs: int) -> str:
+    """One line: how long ``total`` batches take at the speed of the first ``done`` (evaluation not included)."""
+    return (f"about {format_duration(elapsed / done * total)} for {epochs} epoch{'s' if epochs > 1 else ''} "
+            f"at this speed ({elapsed / done:.2f} s per batch; evaluation not included)")
 
 
 @dataclass
@@ -120,6 +139,10 @@ def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig | None
     sched = make_scheduler(opt, cfg, len(loader))
     history: list[dict[str, Any]] = []
     step, fisher_gen = 0, torch.Generator().manual_seed(cfg.seed + 104729)  # own stream: same batches with or without
+    if log:
+        log(f"{sum(p.numel() for p in model.parameters()):,} parameters; {cfg.epochs} "
+            f"epoch{'s' if cfg.epochs > 1 else ''} of {len(loader)} batches")
+    t_run = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -145,6 +168,8 @@ def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig | None
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+            if step == ESTIMATE_AFTER and log and cfg.epochs * len(loader) > ESTIMATE_AFTER:
+                log(duration_estimate(time.perf_counter() - t_run, step, cfg.epochs * len(loader), cfg.epochs))
         rec: dict[str, Any] = {"epoch": epoch, "loss": loss_sum / seen, "train_acc": correct / seen,
                                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         if clean_test is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):

@@ -141,3 +141,65 @@ def reload_test_only(metadata: dict[str, Any], root: str | None = None) -> DataB
         raise DataError("the model's metadata names no dataset; evaluate it with your own test data in Python")
     test = datasets.load(ds["name"], root=root, split="test", **ds.get("load_kwargs", {}))
     return DataBundle(test.subset([]), test.subset([]), test, {}, ds)
+
+
+def probe_model(model: nn.Module, shape: tuple[int, int, int], where: str = "") -> int:
+    """The number of outputs of ``model`` for one ``shape`` (C, H, W) image; DataError if it does not take it."""
+    c, h, w = shape
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.full((1, c, h, w), 0.5, device=device))
+    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"the model does not take {c}x{h}x{w} images{where} ({first})") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        raise DataError(f"the model's output for one image is not one row of class scores "
+                        f"({type(out).__name__} {tuple(getattr(out, 'shape', ()))})")
+    return int(out.shape[1])
+
+
+def model_classes(metadata: dict[str, Any]) -> tuple[int | None, list[str] | None, list[int] | None]:
+    """``(num_classes, class names, image shape C,H,W)`` recorded in a model's metadata (None where unknown)."""
+    ds = metadata.get("dataset") or {}
+    names = ds.get("classes") or metadata.get("classes")
+    n = ds.get("num_classes") or (len(names) if names else None)
+    return n, (list(names) if names else None), ds.get("image_shape")
+
+
+def load_clean_folder(model: nn.Module, metadata: dict[str, Any], folder: str,
+                      warn=print) -> ArrayDataset:
+    """A user's clean ``folder/<class>/*`` checked against ``model`` before any compute.
+
+    Checks classes (count and names), image size (one forward pass) and channels; warns
+    about skipped non-image files, grayscale images and resizing (through ``warn``).
+    """
+    from .datasets.imagefolder import scan_image_folder
+    from .validation import check_clean_folder
+
+    scan = scan_image_folder(folder)
+    n_classes, names, shape = model_classes(metadata)
+    spec = getattr(model, "fipurify_spec", None) or {}
+    channels = shape[0] if shape else spec.get("kwargs", {}).get("in_channels")
+    if shape:
+        size = (int(shape[1]), int(shape[2]))
+        other = sorted(s for s in scan.sizes if s != size)
+        if other:
+            warn(f"resizing the {', '.join(f'{h}x{w}' for h, w in other)} images in {folder} to the model's "
+                 f"{size[0]}x{size[1]}")
+    else:
+        if len(scan.sizes) > 1:
+            raise DataError(f"the images in {folder} have {len(scan.sizes)} sizes "
+                            f"({', '.join(f'{h}x{w}' for h, w in sorted(scan.sizes)[:4])}); resize them to the "
+                            "size the model takes")
+        size = next(iter(scan.sizes))
+    outputs = probe_model(model, (3 if channels is None else int(channels), *size), f" such as those in {folder}")
+    if n_classes is not None and outputs != n_classes:
+        raise DataError(f"the model has {outputs} outputs but its metadata records {n_classes} classes")
+    for message in check_clean_folder(scan, outputs, names, channels):
+        warn(message)
+    return datasets.load("imagefolder", root=folder, split=None, classes=names, size=size)

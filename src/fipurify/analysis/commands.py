@@ -17,39 +17,44 @@ EVIDENCE_NOTE = ("Evidence, not a verdict: a backdoored model tends to sit in a 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None,
                    help="folder holding the datasets (default: $FIPURIFY_DATA, then ../shared/data)")
-    p.add_argument("--n", type=int, default=200, help="images the Hessian is measured on (default 200)")
+    p.add_argument("--n", type=int, default=200, help="images the Hessian is measured on (default: %(default)s)")
     p.add_argument("--split", default="train", choices=["train", "reserve", "test"],
                    help="where the images come from: the clean training part with true labels (default, "
-                        "as in the paper), the clean reserve, or the test set")
+                        "as in the paper), the clean reserve, or the test set (the only one for your own "
+                        "model given as --arch/--weights --dataset NAME)")
     p.add_argument("--params", default="all", choices=["all", "spectral"],
                    help="curvature w.r.t. all weights (default) or f-FIP's singular-value shifts")
-    p.add_argument("--lanczos-steps", type=int, default=20, help="Lanczos steps for lambda_max (default 20)")
-    p.add_argument("--probes", type=int, default=20, help="Hutchinson probes for Tr(H) (default 20)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--lanczos-steps", type=int, default=20, help="Lanczos steps for lambda_max (default: %(default)s)")
+    p.add_argument("--probes", type=int, default=20, help="Hutchinson probes for Tr(H) (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image sample and the probes (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
 
 
 def register(subparsers) -> None:
     """Add ``analyze`` and ``scan`` to the ``fipurify`` command line."""
+    from ..cli import _add_model_args
+
     a = subparsers.add_parser("analyze", help="loss-surface smoothness of a model: numbers and figures")
-    a.add_argument("model")
+    _add_model_args(a, "model to analyse")
     _add_common(a)
     a.add_argument("--compare", default=None, metavar="OTHER_MODEL",
-                   help="a second model (e.g. purified or clean) analysed on the same images")
+                   help="a second fipurify model file (e.g. purified or clean) analysed on the same images "
+                        "(default: none)")
     a.add_argument("--out", default=None, help="output folder (default: MODEL's name + '-analysis')")
-    a.add_argument("--slq-runs", type=int, default=2, help="probes of the eigenvalue density (default 2)")
-    a.add_argument("--slq-steps", type=int, default=30, help="Lanczos steps per density probe (default 30)")
-    a.add_argument("--eval-limit", type=int, default=None, help="measure ACC/ASR on this many test images")
-    a.add_argument("--no-eval", action="store_true", help="skip ACC/ASR")
-    a.add_argument("--no-tsne", action="store_true", help="skip the t-SNE picture")
+    a.add_argument("--slq-runs", type=int, default=2, help="probes of the eigenvalue density (default: %(default)s)")
+    a.add_argument("--slq-steps", type=int, default=30, help="Lanczos steps per density probe (default: %(default)s)")
+    a.add_argument("--eval-limit", type=int, default=None,
+                   help="measure ACC/ASR on this many test images (default: all)")
+    a.add_argument("--no-eval", action="store_true", help="skip ACC/ASR (default: measure them)")
+    a.add_argument("--no-tsne", action="store_true", help="skip the t-SNE picture (default: draw it)")
     a.set_defaults(func=cmd_analyze)
 
     s = subparsers.add_parser("scan", help="sharpness of a model (and of a clean reference) as evidence of a backdoor")
-    s.add_argument("model")
+    _add_model_args(s, "model to scan")
     s.add_argument("--reference", default=None, metavar="CLEAN_MODEL",
-                   help="a model known to be clean, same architecture and data")
+                   help="a fipurify model file known to be clean, same architecture and data (default: none)")
     _add_common(s)
-    s.add_argument("--json", default=None, help="also write the numbers as JSON")
+    s.add_argument("--json", default=None, help="also write the numbers as JSON (default: none)")
     s.set_defaults(func=cmd_scan)
 
 
@@ -69,10 +74,18 @@ def _check_args(args) -> None:
 
 
 def _load_pair(args, other_path: str | None):
+    from ..cli import _check_model_inputs, _model_label, _open_model
     from ..errors import DataError
     from ..io import load_model
 
-    model, meta = load_model(args.model)
+    _check_model_inputs(args)
+    model, meta = _open_model(args)
+    label = _model_label(args)
+    if not meta.get("dataset"):
+        raise DataError(f"{label} records no dataset to analyse it on: give --arch/--weights with --dataset "
+                        "cifar10|gtsrb and --split test (or fipurify import it with --dataset)")
+    if not meta.get("clean_reserve") and args.split != "test":
+        raise DataError(f"{label} was not trained with fipurify, so its training split is unknown: use --split test")
     other = None
     if other_path:
         om, ometa = load_model(other_path)
@@ -80,7 +93,7 @@ def _load_pair(args, other_path: str | None):
         for key in ("image_shape", "num_classes"):
             if theirs.get(key) is not None and mine.get(key) is not None and theirs[key] != mine[key]:
                 raise DataError(f"{Path(other_path).name} was made for {key} {theirs[key]}, "
-                                f"{Path(args.model).name} for {mine[key]}: they cannot be compared on the same data")
+                                f"{label} for {mine[key]}: they cannot be compared on the same data")
         other = (om, ometa)
     return (model, meta), other
 
@@ -111,10 +124,13 @@ def cmd_analyze(args) -> int:
     _check_args(args)
     t_start = time.perf_counter()
     (model, meta), other = _load_pair(args, args.compare)
-    out = Path(args.out) if args.out else Path(f"{Path(args.model).stem}-analysis")
+    from ..cli import _model_label
+
+    label = Path(_model_label(args)).stem
+    out = Path(args.out) if args.out else Path(f"{label}-analysis")
     bundle = load_bundle(meta, args.data_root, args.split)
     sample = draw_sample(bundle, args.split, args.n, args.seed)
-    entries = [(Path(args.model).stem, args.model, model, meta)]
+    entries = [(label, args.model or args.weights, model, meta)]
     if other is not None:
         entries.append((Path(args.compare).stem, args.compare, other[0], other[1]))
     test_bundle = limit_test(bundle, args.eval_limit, args.seed)
@@ -145,7 +161,7 @@ def cmd_analyze(args) -> int:
         poisoned = attack.backdoor_test_set(bundle.test) if attack is not None else None
         figures += [str(p) for p in plot_tsne({n: m for n, _, m, _ in entries}, bundle.test, poisoned,
                                               out / "tsne", n_clean=500, n_poisoned=100, seed=args.seed)]
-    doc = {"model": str(args.model), "compare": args.compare,
+    doc = {"model": str(args.model or args.weights), "compare": args.compare,
            "data": {"dataset": (meta.get("dataset") or {}).get("name"), "split": args.split,
                     "n": int(len(sample[0])), "seed": args.seed},
            "settings": {k: getattr(args, k) for k in ("params", "lanczos_steps", "probes", "slq_runs", "slq_steps",
@@ -216,7 +232,7 @@ def cmd_scan(args) -> int:
         ratios = {k: (m[k] / r[k] if r[k] else None) for k in ("lambda_max", "trace_h", "trace_f")}
     lines = [f"sharpness on {len(sample[0])} {args.split} images ({args.params} parameters, seed {args.seed}):"]
     for key, v in numbers.items():
-        name = Path(args.model if key == "model" else args.reference).name
+        name = Path(args.model or args.weights if key == "model" else args.reference).name
         lines.append(f"  {key:9s} {name}: lambda_max {v['lambda_max']:.4g}   Tr(H) {v['trace_h']:.4g} "
                      f"+- {v['trace_h_se']:.2g}   Tr(F) {v['trace_f']:.4g}")
     if ratios is not None:
@@ -231,7 +247,7 @@ def cmd_scan(args) -> int:
     lines.append(EVIDENCE_NOTE)
     print("\n".join(lines))
     if args.json:
-        doc = {"model": args.model, "reference": args.reference, "split": args.split, "n": int(len(sample[0])),
+        doc = {"model": args.model or args.weights, "reference": args.reference, "split": args.split, "n": int(len(sample[0])),
                "params": args.params, "seed": args.seed, "numbers": numbers, "ratios": ratios, "note": EVIDENCE_NOTE}
         atomic_write_text(args.json, json.dumps(doc, indent=2))
     return 0

@@ -20,50 +20,54 @@ def register(subparsers) -> None:
     b = subparsers.add_parser("bench", help="run a benchmark spec (grid of attacks x defenses x seeds)",
                               description="Expand SPEC's grid, skip finished runs, train missing backdoored models "
                                           "and run the defenses, one result row per run. Safe to kill and rerun.")
-    b.add_argument("spec", help="spec file, or a name under benchmarks/specs (e.g. table7)")
+    b.add_argument("spec", help="spec file, or a name under benchmarks/specs (e.g. table7) (required)")
     b.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"results database (default {DEFAULT_DB})")
     b.add_argument("--cache", type=Path, default=None,
                    help="folder of cached backdoored models (default $FIPURIFY_CACHE/bench-models)")
-    b.add_argument("--data-root", default=None, help="folder holding the datasets")
-    b.add_argument("--jobs", type=int, default=1, help="worker processes at a time (default 1)")
+    b.add_argument("--data-root", default=None,
+                   help="folder holding the datasets (default: $FIPURIFY_DATA, then ../shared/data)")
+    b.add_argument("--jobs", type=int, default=1, help="worker processes at a time (default: %(default)s)")
     b.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default $OMP_NUM_THREADS, else cores / jobs)")
-    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     b.add_argument("--adopt", nargs="+", type=Path, default=[], metavar="MODEL",
                    help="reuse these model files (e.g. from `fipurify train`) for the spec's models they match "
-                        "exactly (data, architecture, training, seed, attack); the others are reported and ignored")
-    b.add_argument("--dry-run", action="store_true", help="only show what would run")
+                        "exactly (data, architecture, training, seed, attack); the others are reported and ignored "
+                        "(default: none)")
+    b.add_argument("--dry-run", action="store_true", help="only show what would run (default: run)")
     b.add_argument("--only", action="append", default=[], metavar="PATTERN",
                    help="run only matching runs: a word equal to a label part (attack, defense id, s0, n500) "
-                        "or a glob on the label attack/.../defense/nSIZE/sSEED; repeatable or comma-separated")
+                        "or a glob on the label attack/.../defense/nSIZE/sSEED; repeatable or comma-separated "
+                        "(default: all runs)")
     b.add_argument("--rerun", action="append", default=[], metavar="PATTERN",
                    help="forget the stored results of the selected runs matching PATTERN (as --only) and run them "
-                        "again, e.g. after changing a defense's code or defaults")
-    b.add_argument("--shard", default=None, metavar="I/N", help="run part I (0-based) of N, for several machines")
+                        "again, e.g. after changing a defense's code or defaults (default: none)")
+    b.add_argument("--shard", default=None, metavar="I/N", help="run part I (0-based) of N, for several machines (default: all)")
     b.add_argument("--skip-unknown", action="store_true",
-                   help="drop attacks/defenses this version does not know instead of stopping")
-    b.add_argument("--timeout", type=float, default=None, help="kill a task after this many seconds (recorded as failed)")
-    b.add_argument("--nondeterministic", action="store_true", help="allow non-deterministic (faster) GPU kernels")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="drop attacks/defenses this version does not know instead of stopping (default: stop)")
+    b.add_argument("--timeout", type=float, default=None, help="kill a task after this many seconds, recorded as failed (default: no limit)")
+    b.add_argument("--nondeterministic", action="store_true", help="allow non-deterministic (faster) GPU kernels (default: deterministic)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
     b.set_defaults(func=cmd_bench)
 
     r = subparsers.add_parser("report", help="render a spec's results as Markdown, HTML, CSV and JSON",
                               description="Paper-style tables (mean ± std over seeds, best per column in bold, "
                                           "the paper's numbers beside ours) from a results database.")
-    r.add_argument("source", help="spec file or name, or a results database (renders every spec stored in it)")
+    r.add_argument("source", help="spec file or name, or a results database (renders every spec stored in it) (required)")
     r.add_argument("--db", type=Path, default=None, help=f"results database (default {DEFAULT_DB})")
     r.add_argument("--merge", nargs="+", type=Path, default=[], metavar="DB",
-                   help="first merge these databases (e.g. from other machines) into --db")
+                   help="first merge these databases (e.g. from other machines) into --db (default: none)")
     r.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     r.add_argument("--figures", type=Path, default=None,
                    help="figure folder: the runtime chart is written there and every PNG in it is embedded in the HTML "
                         "(default OUT/figures, only the runtime chart embedded)")
-    r.add_argument("--no-figures", action="store_true", help="no runtime chart")
-    r.add_argument("--format", default="md,html,csv,json", help="comma-separated subset of md,html,csv,json")
+    r.add_argument("--no-figures", action="store_true", help="no runtime chart (default: draw it)")
+    r.add_argument("--format", default="md,html,csv,json",
+                   help="comma-separated subset of md,html,csv,json (default: %(default)s)")
     r.add_argument("--readme", type=Path, default=None, metavar="MD",
                    help="also replace the block between <!-- report:SPEC --> and <!-- /report:SPEC --> in this "
-                        "Markdown file (e.g. README.md) with the table")
-    r.add_argument("--quiet", action="store_true", help="do not print the Markdown table")
+                        "Markdown file (e.g. README.md) with the table (default: none)")
+    r.add_argument("--quiet", action="store_true", help="do not print the Markdown table (default: print it)")
     r.set_defaults(func=cmd_report)
 
 

@@ -1,6 +1,7 @@
 """Image-folder datasets: ``root/split/<class>/*.png|jpg|jpeg|ppm|bmp``."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -36,6 +37,60 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir()
                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
                   and p.is_file())
+
+
+@dataclass
+class FolderScan:
+    """What a ``folder/<class>/*`` image folder holds, read from file names and image headers only."""
+    folder: Path
+    classes: list[str]
+    counts: dict[str, int]
+    stray: list[Path] = field(default_factory=list)  # non-image files (skipped when loading)
+    sizes: set[tuple[int, int]] = field(default_factory=set)  # (height, width)
+    modes: set[str] = field(default_factory=set)  # PIL modes: RGB, L, RGBA, P, ...
+    empty: list[str] = field(default_factory=list)  # class folders without images
+
+    @property
+    def grayscale(self) -> bool:
+        return bool(self.modes) and self.modes <= {"L", "1", "I", "I;16", "F", "LA"}
+
+
+def scan_image_folder(folder: str | Path) -> FolderScan:
+    """Classes, image counts, stray files, image sizes and colour modes of ``folder/<class>/*``.
+
+    Raises DataError for a missing folder, one without class folders, or one that holds
+    split folders (``train/<class>/*``: the message names ``folder/train``).
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist")
+    dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    stray = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not dirs:
+        raise DataError(f"{folder} holds no class folders (expected {folder}/<class>/*.png|jpg)")
+    scan = FolderScan(folder, [d.name for d in dirs], {}, stray=[p for p in stray if p.suffix.lower() not in IMAGE_SUFFIXES])
+    nested = []
+    for d in dirs:
+        images = list_images(d)
+        scan.counts[d.name] = len(images)
+        scan.stray.extend(p for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith(".")
+                          and p.suffix.lower() not in IMAGE_SUFFIXES)
+        if not images:
+            scan.empty.append(d.name)
+            if any(sub.is_dir() and list_images(sub) for sub in d.iterdir()):
+                nested.append(d.name)
+        for p in images:
+            try:
+                with Image.open(p) as im:  # reads the header only
+                    scan.sizes.add((im.size[1], im.size[0]))
+                    scan.modes.add(im.mode)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                raise DataError(f"cannot read image {p}: {exc}") from exc
+    if nested and len(nested) == len(dirs):
+        pick = "train" if "train" in nested else nested[0]
+        raise DataError(f"{folder} holds split folders ({', '.join(nested)}), not class folders: "
+                        f"pass {folder / pick}")
+    return scan
 
 
 def _read_one(path: Path, size_hw: tuple[int, int] | None) -> np.ndarray:
@@ -101,10 +156,15 @@ def read_image_folder(folder: str | Path, classes: Sequence[str] | None = None,
     return decode_images(files, size), np.asarray(labels, dtype=np.int64), list(classes)
 
 
+def _holds_classes(root: Path) -> bool:
+    return any(list_images(d) for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def load_imagefolder(root: str | Path, split: str | None = "train",
                      classes: Sequence[str] | None = None, size: Size = None,
                      cache: bool = True, name: str | None = None) -> ArrayDataset:
-    """Load ``root/split/<class>/*`` (or ``root/<class>/*`` when ``split`` is None).
+    """Load ``root/split/<class>/*`` (or ``root/<class>/*`` when ``split`` is None, or when
+    ``split`` is "train" and ``root`` has no ``train`` folder but holds class folders of images).
 
     Decoded arrays are cached (see :mod:`fipurify.datasets.cache`) keyed by the
     folder's file listing, so a second load is fast and an edited folder is re-read.
@@ -113,6 +173,8 @@ def load_imagefolder(root: str | Path, split: str | None = "train",
     if not root.is_dir():
         raise DataError(f"image folder root {root} does not exist")
     folder = root / split if split else root
+    if split == "train" and not folder.is_dir() and _holds_classes(root):
+        folder = root  # a plain root/<class>/* folder is the train split (datasets.load's default)
     if not folder.is_dir():
         hint = ""
         if split and any(list_images(d) for d in root.iterdir() if d.is_dir()):
@@ -126,4 +188,4 @@ def load_imagefolder(root: str | Path, split: str | None = "train",
     return ArrayDataset(images, labels, cls, name=name or (f"{root.name}-{split}" if split else root.name))
 
 
-__all__ = ["IMAGE_SUFFIXES", "parse_size", "list_images", "decode_images", "read_image_folder", "load_imagefolder"]
+__all__ = ["IMAGE_SUFFIXES", "FolderScan", "scan_image_folder", "parse_size", "list_images", "decode_images", "read_image_folder", "load_imagefolder"]

@@ -1,0 +1,286 @@
+"""Backdoor detection from clean data alone: fipurify.detect, the detector families, the CLI."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fipurify
+from fipurify import detection
+from fipurify.cli import main
+from fipurify.errors import ConfigError, DataError
+
+# small budgets: the tiny 4-class model needs far fewer steps than CIFAR-10
+FAST_NC = {"max_steps": 50, "batch_size": 16, "stop_patience": 10, "refine_steps": 60}
+FAST_UAP = {"growth": 1.5, "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def nc_report(tiny_backdoor):
+    return fipurify.detect(tiny_backdoor["model"], tiny_backdoor["reserve"], method="neural-cleanse", **FAST_NC)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_backdoor, tmp_path_factory):
+    """The tiny backdoored model as a fipurify model file whose metadata names a reproducible
+    clean reserve (same synthetic distribution as its training data)."""
+    from fipurify.workflow import load_data
+
+    bundle = load_data("synthetic", None, 120, 0, None, n=720, num_classes=4, image_size=16)
+    meta = {"dataset": bundle.dataset_info, "clean_reserve": bundle.reserve_info,
+            "attack": tiny_backdoor["attack"].to_spec(), "metrics": {"acc": 1.0, "asr": 0.93, "lcr": 0.07}}
+    path = tmp_path_factory.mktemp("zoo") / "tiny_badnets.safetensors"
+    fipurify.save_model(tiny_backdoor["model"], path, meta)
+    return path
+
+
+# --------------------------------------------------------------------------- the outlier test
+def test_mad_anomaly_index_matches_hand_computation():
+    sizes = [1.0, 10.0, 11.0, 12.0, 13.0]
+    # median 11; |L - 11| = 10, 1, 0, 1, 2 -> median 1; MAD = 1.4826 * 1
+    idx = detection.anomaly_indices(sizes)
+    assert idx == pytest.approx([10 / 1.4826, 1 / 1.4826, 0.0, -1 / 1.4826, -2 / 1.4826])
+    assert detection.most_anomalous(sizes) == (0, pytest.approx(6.7449, abs=1e-4))
+    # a large size is never a backdoor target: the index is signed toward small sizes
+    assert detection.most_anomalous([10.0, 11.0, 12.0, 13.0, 100.0])[1] < 2
+    # all equal: no deviation, no anomaly; equal but one: infinitely anomalous
+    assert list(detection.anomaly_indices([5.0, 5.0, 5.0])) == [0.0, 0.0, 0.0]
+    assert detection.anomaly_indices([1.0, 5.0, 5.0, 5.0])[0] == math.inf
+
+
+# --------------------------------------------------------------------------- the detectors
+def test_neural_cleanse_flags_the_tiny_backdoor_and_its_target(tiny_backdoor, nc_report):
+    r = nc_report
+    assert r.backdoored and r.target == 0 and r.candidate == 0
+    assert r.score > r.threshold == 2.0
+    sizes = {row["class"]: row["size"] for row in r.per_class}
+    assert sizes[0] < 0.7 * min(sizes[c] for c in (1, 2, 3))  # the target needs a much smaller mask
+    assert r.proxy_asr >= 0.7  # the recovered trigger carries over to held-out clean images
+    assert r.trigger.mask.shape == (1, 16, 16) and r.trigger.pattern.shape == (3, 16, 16)
+    assert 0 <= float(r.trigger.mask.min()) and float(r.trigger.mask.max()) <= 1
+    # the refined trigger sits where BadNets stamps its 3x3 patch (bottom-right corner)
+    mask = r.trigger.mask[0]
+    assert float(mask[12:, 12:].sum()) > 0.4 * float(mask.sum()) and float(mask.sum()) < 12  # 6 % of the pixels
+    assert r.per_class[0]["refined"]["size"] < 0.5 * sizes[0]
+    assert r.n_holdout + r.n_optimise == len(tiny_backdoor["reserve"]) and r.n_holdout > 0
+    # the proxy ASR is measured on held-out images of the other classes, and the trigger really does it
+    model = tiny_backdoor["model"]
+    data = detection.create("neural-cleanse", **FAST_NC).split(model, tiny_backdoor["reserve"])
+    others = data.x_hold[data.y_hold != 0]
+    assert r.proxy_asr == pytest.approx(detection.flip_rate(model, r.trigger, others, 0))
+    assert detection.flip_rate(model, r.trigger, others, 0) > \
+        detection.flip_rate(model, detection.Trigger("mask-pattern", 0, mask=r.trigger.mask * 0,
+                                                      pattern=r.trigger.pattern), others, 0)
+
+
+@pytest.mark.filterwarnings("ignore:no class reached")  # a short budget: only the plumbing counts
+def test_detection_leaves_the_model_unchanged(tiny_backdoor):
+    model = tiny_backdoor["model"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    fipurify.detect(model, tiny_backdoor["reserve"], method="uap", max_steps=3)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+
+
+def test_uap_points_at_the_target(tiny_backdoor):
+    r = fipurify.detect(tiny_backdoor["model"], tiny_backdoor["reserve"], method="uap", **FAST_UAP)
+    sizes = {row["class"]: row["size"] for row in r.per_class}
+    assert r.candidate == 0 and sizes[0] < 0.6 * np.median([sizes[c] for c in (1, 2, 3)])
+    assert r.trigger.kind == "perturbation" and r.trigger.delta.shape == (3, 16, 16)
+    assert float(r.trigger.delta.norm()) == pytest.approx(sizes[0], rel=1e-4)
+    assert r.size_name == "delta L2"
+
+
+def test_a_clean_model_is_not_flagged():
+    from fipurify import models
+    from fipurify.datasets.synthetic import synthetic
+    from fipurify.training import TrainConfig, train_model
+
+    torch.manual_seed(0)
+    model = models.create("preactresnet18", num_classes=4, width=4, input_size=16)
+    train_model(model, synthetic(n=600, num_classes=4, image_size=16, seed=0, split="train"),
+                TrainConfig(epochs=6, lr=0.05, batch_size=32, seed=0, augment=False), progress=False, log=None)
+    reserve = synthetic(n=120, num_classes=4, image_size=16, seed=0, split="reserve")
+    r = fipurify.detect(model, reserve, method="neural-cleanse", **FAST_NC)
+    assert not r.backdoored and r.target is None and r.score < r.threshold
+    assert r.candidate is not None and r.proxy_asr is not None  # still says which class is most suspicious
+
+
+@pytest.mark.filterwarnings("ignore:no class reached")  # a short budget: only the plumbing counts
+def test_any_dataset_or_dataloader_of_image_label_pairs(tiny_backdoor):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    res = tiny_backdoor["reserve"]
+    xs = torch.stack([res[i][0] for i in range(len(res))])
+    loader = DataLoader(TensorDataset(xs, torch.as_tensor(res.labels)), batch_size=7)
+    r = fipurify.detect(tiny_backdoor["model"], loader, method="uap", max_steps=3)
+    assert r.n_clean == len(res) and r.class_names == ["0", "1", "2", "3"] and r.class_label(0) == "0"
+
+
+def test_a_class_whose_trigger_was_not_found_is_never_the_verdict(tiny_backdoor):
+    with pytest.warns(UserWarning, match="no class reached the flip rate"):
+        r = fipurify.detect(tiny_backdoor["model"], tiny_backdoor["reserve"], method="uap", max_steps=1)
+    assert not r.backdoored and r.target is None and not any(row["reached"] for row in r.per_class)
+
+
+# --------------------------------------------------------------------------- bad input
+def _drop(data, keep):
+    return data.subset(np.flatnonzero(keep(np.asarray(data.labels))))
+
+
+@pytest.mark.filterwarnings("ignore:no class reached")  # a short budget: only the plumbing counts
+def test_missing_classes_are_named_and_the_rest_analysed(tiny_backdoor):
+    data = _drop(tiny_backdoor["reserve"], lambda y: y != 2)
+    with pytest.warns(UserWarning, match=r"no images of class\(es\) 2 \(class2\)"):
+        r = fipurify.detect(tiny_backdoor["model"], data, method="uap", max_steps=5)
+    assert r.missing_classes == [2]
+    rows = {row["class"]: row for row in r.per_class}
+    assert rows[2]["status"] == "no clean images" and "size" not in rows[2]
+    assert all(rows[c]["status"] == "ok" for c in (0, 1, 3))
+    assert "no clean images" in r.table() and r.warnings
+
+
+def test_too_few_clean_images_per_class_says_the_minimum(tiny_backdoor):
+    y = np.asarray(tiny_backdoor["reserve"].labels)
+    keep = np.ones(len(y), bool)
+    keep[np.flatnonzero(y == 1)[3:]] = False  # class 1 keeps 3 images
+    data = tiny_backdoor["reserve"].subset(np.flatnonzero(keep))
+    with pytest.raises(DataError, match="class 1 has only 3 clean image.*at least 5 per class"):
+        fipurify.detect(tiny_backdoor["model"], data)
+
+
+class _Features(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x)  # N x 4 x H x W: not class scores
+
+
+def test_a_model_whose_output_is_not_class_scores_is_refused(tiny_backdoor):
+    with pytest.raises(DataError, match=r"class scores of shape \[batch, classes\]"):
+        fipurify.detect(_Features(), tiny_backdoor["reserve"])
+
+
+def test_bad_options_and_names():
+    assert set(detection.available()) >= {"neural-cleanse", "uap"}
+    with pytest.raises(ConfigError, match="unknown detector"):
+        detection.create("nope")
+    with pytest.raises(ConfigError, match="unknown option"):
+        detection.create("uap", nope=1)
+    with pytest.raises(ConfigError, match="flip_rate"):
+        detection.create("neural-cleanse", flip_rate=1.5)
+    with pytest.raises(ConfigError, match="norm"):
+        detection.create("uap", norm="l1")
+
+
+# --------------------------------------------------------------------------- the report
+def test_report_is_json_ready_and_saves_its_triggers(nc_report, tmp_path):
+    d = nc_report.to_dict()
+    text = json.dumps(d, allow_nan=False)
+    assert len(text) < 20000  # summarised, not inlined tensors
+    assert d["backdoored"] is True and d["target"] == 0 and d["trigger"]["kind"] == "mask-pattern"
+    assert {"score", "threshold", "proxy_asr", "per_class", "seconds"} <= set(d)
+    nc_report.save_triggers(tmp_path / "t.safetensors")
+    from safetensors.torch import load_file
+    t = load_file(tmp_path / "t.safetensors")
+    assert torch.equal(t["class0.mask"], nc_report.trigger.mask) and "class3.pattern" in t
+    line = nc_report.verdict()
+    assert line.startswith("backdoored: yes, suspected target 0 (class0), score ") and "proxy ASR" in line
+
+
+def test_compare_before_and_after(nc_report):
+    from fipurify.detection.verify import compare, format_comparison
+
+    after = detection.DetectionReport(**{**nc_report.__dict__, "backdoored": False, "target": None, "score": 0.5,
+                                         "replay": {"target": 0, "proxy_asr": 0.05, "n_images": 18}})
+    c = compare(nc_report, after)
+    assert c["suspected_class"] == 0 and c["proxy_asr_before"] == nc_report.proxy_asr
+    assert c["proxy_asr_after"] == 0.05 and c["proxy_asr_after_kind"] == "replayed"
+    assert c["flagged_before"] and not c["flagged_after"]
+    line = format_comparison(c)
+    assert "suspected target 0 (class0), proxy ASR" in line and "-> 5.0 %" in line and "after: not flagged" in line
+    json.dumps(c, allow_nan=False)
+
+
+# --------------------------------------------------------------------------- the CLI
+def test_cli_detect_end_to_end(saved_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FIPURIFY_CACHE", str(tmp_path / "cache"))
+    out, fig = tmp_path / "d.json", tmp_path / "d.png"
+    argv = ["detect", str(saved_model), "--clean-size", "120", "--quiet", "--json", str(out), "--figure", str(fig)]
+    argv += [f"--set={k}={v}" for k, v in FAST_NC.items()]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].startswith("backdoored: yes, suspected target 0 (class0), score")
+    assert "mask L1" in printed and "anomaly" in printed
+    doc = json.loads(out.read_text())
+    assert doc["backdoored"] and doc["target"] == 0 and doc["recorded_attack"]["target"] == 0
+    assert (tmp_path / doc["triggers_file"]).exists()
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --fail-if-backdoored: exit status 1 when flagged
+    assert main(argv[:5] + [f"--set={k}={v}" for k, v in FAST_NC.items()] + ["--fail-if-backdoored"]) == 1
+    # bad input: one line, exit status 2
+    capsys.readouterr()
+    assert main(["detect", str(saved_model), "--figure", str(tmp_path / "x.jpg")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fipurify: error:") and ".png" in err[0]
+    assert main(["detect", str(saved_model), "--method", "nope"]) == 2
+    assert main(["detect", str(saved_model), "--json", str(tmp_path / "missing" / "d.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:no class reached")
+def test_cli_detect_on_a_clean_folder_missing_a_class(saved_model, tiny_backdoor, tmp_path, capsys):
+    from PIL import Image
+
+    res = tiny_backdoor["reserve"]
+    for i, y in enumerate(res.labels):
+        if y != 2:
+            (tmp_path / "clean" / f"class{y}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(res.images[i]).save(tmp_path / "clean" / f"class{y}" / f"{i}.png")
+    assert main(["detect", str(saved_model), "--clean-dir", str(tmp_path / "clean"), "--method", "uap",
+                 "--set", "max_steps=5", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    warns = [line for line in captured.err.splitlines() if "no images of class" in line]
+    assert len(warns) == 1 and warns[0].startswith("fipurify: warning:") and "2 (class2)" in warns[0]
+    assert "no clean images" in captured.out
+
+
+def test_cli_purify_verify_reports_the_detector(saved_model, tmp_path, capsys, monkeypatch):
+    from fipurify.detection import verify
+
+    monkeypatch.setenv("FIPURIFY_CACHE", str(tmp_path / "cache"))
+    real_create = verify.create
+    monkeypatch.setattr(verify, "create", lambda method, **o: real_create(method, **{**FAST_NC, **o}))
+    out = tmp_path / "p.safetensors"
+    assert main(["purify", str(saved_model), "--method", "ft", "--epochs", "1", "--clean-size", "120", "--no-eval",
+                 "--set", "batch_size=16", "--quiet", "--verify", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "detector (neural-cleanse): suspected target 0 (class0), proxy ASR" in printed
+    det = json.loads(out.with_suffix(".json").read_text())["detector"]
+    assert det["before"]["target"] == 0 and det["after"]["replay"]["target"] == 0
+    assert det["proxy_asr_after_kind"] == "replayed" and 0 <= det["proxy_asr_after"] <= 1
+
+
+def test_detect_zoo_benchmark_runs_on_one_model(saved_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FIPURIFY_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "detect_zoo.py"
+    spec = importlib.util.spec_from_file_location("detect_zoo", path)
+    zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo)
+    out = tmp_path / "zoo"
+    assert zoo.main([str(saved_model.parent), "--methods", "uap", "--clean-size", "120",
+                     "--set", "growth=1.5", "--set", "max_steps=30", "--out", str(out)]) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    row, = doc["rows"]
+    assert row["model"] == saved_model.name and row["true_target"] == 0 and row["true_asr"] == 0.93
+    assert row["method"] == "uap" and row["candidate"] == 0 and isinstance(row["seconds"], float)
+    assert doc["summary"]["uap"]["n_models"] == 1
+    assert "| tiny_badnets.safetensors | badnets | 0 |" in out.with_suffix(".md").read_text()
