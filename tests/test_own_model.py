@@ -285,3 +285,17 @@ def test_real_command_line_with_pythonpath(own):
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert fipurify.load_model(d / "cli.safetensors")[1]["arch"] == own["arch"]
+
+
+def test_detect_a_model_class_defined_only_in_the_test(own, capsys):
+    d = own["dir"]
+    make_folder(d / "clean20", ["a", "b", "c"], n=20)
+    rc = main(["detect", "--arch", own["arch"], "--arch-args", '{"num_classes": 3, "width": 4}',
+               "--weights", str(d / "w.safetensors"), "--clean-dir", str(d / "clean20"), "--method", "uap",
+               "--quiet", "--json", str(d / "det.json")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert out.out.startswith("backdoored: ")
+    import json
+    doc = json.loads((d / "det.json").read_text())
+    assert doc["model"] == "w.safetensors" and "score" in doc

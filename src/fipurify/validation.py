@@ -86,3 +86,17 @@ def check_clean_folder(scan, num_classes: int | None, classes: Sequence[str] | N
     if scan.grayscale:
         warnings.append(f"the images in {folder} are grayscale; they are converted to RGB")
     return warnings
+
+
+def as_dataset(clean_data):
+    """The map-style dataset behind ``clean_data`` (a ``Dataset`` or a ``DataLoader`` over one);
+    DataError for anything else."""
+    from torch.utils.data import DataLoader
+
+    from .errors import DataError
+
+    if isinstance(clean_data, DataLoader):
+        clean_data = clean_data.dataset
+    if not hasattr(clean_data, "__getitem__") or not hasattr(clean_data, "__len__"):
+        raise DataError("clean data must be a map-style Dataset of (image, label) or a DataLoader over one")
+    return clean_data

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
+from ..validation import as_dataset
 
 
 @dataclass
@@ -35,15 +36,6 @@ class CleanSplit:
         """``"3 (cat)"``, or ``"3"`` when the class has no other name."""
         name = self.class_names[c] if c < len(self.class_names) else str(c)
         return str(c) if name == str(c) else f"{c} ({name})"
-
-
-def as_dataset(clean_data: Dataset | DataLoader) -> Dataset:
-    """The dataset behind ``clean_data``; DataError for anything else."""
-    if isinstance(clean_data, DataLoader):
-        clean_data = clean_data.dataset
-    if not hasattr(clean_data, "__getitem__") or not hasattr(clean_data, "__len__"):
-        raise DataError("clean data must be a map-style Dataset of (image, label) or a DataLoader over one")
-    return clean_data
 
 
 def model_classes(model: nn.Module, image: torch.Tensor) -> int:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     """Add ``detect`` to the ``fipurify`` command line."""
+    from ..cli import _add_data_args, _add_model_args
     from . import DEFAULT_METHOD, available
 
     d = subparsers.add_parser("detect", help="detect a backdoor and its target class from clean data alone")
-    d.add_argument("model", help="a fipurify model file (.safetensors)")
+    _add_model_args(d, "model to examine")
     d.add_argument("--method", default=DEFAULT_METHOD,
                    help=f"detector: {', '.join(available())} (default {DEFAULT_METHOD}; uap is cheaper)")
     src = d.add_mutually_exclusive_group()
@@ -20,8 +21,7 @@ def register(subparsers) -> None:
                      help="use your own clean images: a folder of class/*.png (default: the model's clean reserve)")
     src.add_argument("--clean-size", type=int, default=None,
                      help="clean images drawn from the model's clean reserve, stratified (default: the whole reserve)")
-    d.add_argument("--data-root", default=None,
-                   help="folder holding the datasets (default: $FIPURIFY_DATA, then ../shared/data)")
+    _add_data_args(d)
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the detector's config, e.g. max_steps=50 (JSON value), repeatable "
                         "(default: none, the detector's defaults)")
@@ -38,25 +38,26 @@ def register(subparsers) -> None:
 
 
 def cmd_detect(args) -> int:
-    from ..cli import _clean_set, _parse_options
+    from ..cli import _check_model_inputs, _clean_set, _model_label, _open_model, _parse_options
     from ..errors import ConfigError
-    from ..io import atomic_write_text, load_model
+    from ..io import atomic_write_text
     from ..validation import check_output_path
     from .registry import create
 
+    _check_model_inputs(args)
     if args.figure and Path(args.figure).suffix.lower() != ".png":
         raise ConfigError(f"--figure writes a PNG: give a .png path, got {args.figure!r}")
     for flag, out in (("--json", args.json), ("--figure", args.figure)):
         if out:  # before any compute: not a directory, not the model, in an existing folder
-            check_output_path(out, [args.model], False, flag)
+            check_output_path(out, [args.model, args.weights], False, flag)
     options = _parse_options(args.set)
     options.setdefault("seed", args.seed)
     detector = create(args.method, **options)  # bad names and options fail before any data loads
-    model, meta = load_model(args.model)
+    model, meta = _open_model(args)
     clean = _clean_set(args, model, meta)
     log = None if args.quiet else (lambda m: print("  " + m, file=sys.stderr))
     if not args.quiet:
-        print(f"detecting with {detector.name} on {len(clean)} clean images of {Path(args.model).name}",
+        print(f"detecting with {detector.name} on {len(clean)} clean images of {_model_label(args)}",
               file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # printed below as one line each
@@ -67,7 +68,7 @@ def cmd_detect(args) -> int:
     print(report.table())
     print(f"({report.seconds:.1f}s; {report.n_optimise} clean images to optimise, {report.n_holdout} held out)")
     if args.json:
-        doc = {"model": str(args.model), **report.to_dict()}
+        doc = {"model": _model_label(args), **report.to_dict()}
         triggers = Path(args.json).with_suffix(".triggers.safetensors")
         report.save_triggers(triggers)
         doc["triggers_file"] = triggers.name
