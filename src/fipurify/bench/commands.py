@@ -26,9 +26,18 @@ def register(subparsers) -> None:
                    help="folder of cached backdoored models (default $FIPURIFY_CACHE/bench-models)")
     b.add_argument("--data-root", default=None,
                    help="folder holding the datasets (default: $FIPURIFY_DATA, then ../shared/data)")
-    b.add_argument("--jobs", type=int, default=1, help="worker processes at a time (default: %(default)s)")
+    b.add_argument("--jobs", type=int, default=1,
+                   help="worker processes (with --backend ray: Ray tasks) at a time (default: %(default)s)")
     b.add_argument("--threads", type=int, default=None,
-                   help="torch threads per worker (default $OMP_NUM_THREADS, else cores / jobs)")
+                   help="torch threads per worker; with --backend ray also the CPUs each task reserves "
+                        "(default $OMP_NUM_THREADS, else cores / jobs)")
+    b.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: a process pool on this machine; ray: tasks on a Ray cluster, results and model "
+                        "cache kept here, models passed through Ray's object store (needs fipurify[ray]) "
+                        "(default: %(default)s)")
+    b.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --backend ray: the cluster to join (auto: the one this machine belongs to, "
+                        "or HOST:PORT of its head) (default: start a local Ray instance with this machine's CPUs)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     b.add_argument("--adopt", nargs="+", type=Path, default=[], metavar="MODEL",
                    help="reuse these model files (e.g. from `fipurify train`) for the spec's models they match "
@@ -92,12 +101,15 @@ def cmd_bench(args) -> int:
         print(f"skipping unknown {what}", file=sys.stderr)
         spec = without(spec, unknown["attacks"], unknown["defenses"])
     check_entries(spec)
+    if args.backend == "ray" and not args.dry_run:  # a one-line error before anything is done
+        from .ray_backend import require_ray
+        require_ray()
     only = _patterns(args.only)
     opts = BenchOptions(db=args.db, cache=args.cache or default_cache(), data_root=args.data_root, jobs=args.jobs,
                         threads=args.threads, device=args.device, deterministic=not args.nondeterministic,
                         only=only, shard=parse_shard(args.shard) if args.shard else None, dry_run=args.dry_run,
                         timeout=args.timeout, progress=not args.quiet, adopt=args.adopt,
-                        rerun=_patterns(args.rerun))
+                        rerun=_patterns(args.rerun), backend=args.backend, address=args.address)
     try:
         counts = run_bench(spec, opts, out=sys.stdout if args.dry_run else sys.stderr)
     except KeyboardInterrupt:

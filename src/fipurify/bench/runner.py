@@ -46,6 +46,8 @@ class BenchOptions:
     progress: bool = True
     adopt: list[Path] = field(default_factory=list)  # model files trained elsewhere to reuse (see bench.adopt)
     rerun: list[str] = field(default_factory=list)  # patterns (as ``only``) of finished runs to run again
+    backend: str = "local"  # "local" (this module's process pool) or "ray" (bench.ray_backend)
+    address: str | None = None  # the Ray cluster to join (backend "ray"); None: start a local instance
 
     def validate(self) -> "BenchOptions":
         if self.jobs < 1:
@@ -56,6 +58,10 @@ class BenchOptions:
             raise ConfigError(f"--shard i/n needs 0 <= i < n, got {self.shard[0]}/{self.shard[1]}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("--timeout must be positive")
+        if self.backend not in ("local", "ray"):
+            raise ConfigError(f"--backend must be local or ray, got {self.backend!r}")
+        if self.address and self.backend != "ray":
+            raise ConfigError("--address names a Ray cluster: use it with --backend ray")
         return self
 
 
@@ -449,7 +455,11 @@ def run_bench(spec: Spec, opts: BenchOptions, out: TextIO = sys.stderr) -> dict[
         if opts.dry_run:
             describe(spec, plan, opts, out)
             return {"ok": 0, "failed": 0, "skipped": 0, "trained": 0, "pending": len(plan.pending)}
-        runner = Runner(spec, opts, store, out)
+        if opts.backend == "ray":  # imported only here, so the local backend never imports ray
+            from .ray_backend import RayRunner
+            runner = RayRunner(spec, opts, store, out)
+        else:
+            runner = Runner(spec, opts, store, out)
         _interrupt_on_sigterm()
         print(f"spec {spec.name}: {len(plan.runs)} runs, {len(plan.done)} already done, {len(plan.pending)} to run, "
               f"{len(plan.to_train())} models to train; {opts.jobs} job(s) x {runner.threads} thread(s) on "
