@@ -663,3 +663,20 @@ def test_oracle_clean_data_and_validation_accuracy_in_a_purify_run(tmp_path):
     assert rows["ft"]["details"]["n_clean"] == 20 and rows["oracle"]["details"]["n_clean"] == 40
     with pytest.raises(ConfigError, match="clean_data"):
         parse_spec({**doc, "defenses": [{"name": "ft", "clean_data": "test"}]})
+
+
+def test_runs_are_placed_on_the_least_busy_gpu(monkeypatch):
+    import torch
+
+    from fipurify.bench.runner import device_slots, place
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    gpus = device_slots("cuda")
+    assert gpus == ["cuda:0", "cuda:1", "cuda:2"]
+    assert device_slots("cuda:1") == ["cuda:1"] and device_slots("cpu") == ["cpu"]
+    busy: list[str] = []
+    for _ in range(4):
+        busy.append(place(gpus, busy))
+    assert busy == ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+    assert place(gpus, ["cuda:0", "cuda:2", "cuda:0"]) == "cuda:1"

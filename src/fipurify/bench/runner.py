@@ -153,6 +153,7 @@ class _Task:
     proc: Any = None   # multiprocessing.Process
     log: Path | None = None
     started: float = 0.0
+    device: str = ""   # where it runs (one GPU of several: see place())
 
 
 def _safe(text: str) -> str:
@@ -174,6 +175,8 @@ class Runner:
         self.spec, self.opts, self.store, self.out = spec, opts.validate(), store, out
         self.work = opts.db.with_name(opts.db.name + ".work")
         self.device = resolve_device(opts.device)
+        self.devices = device_slots(self.device)
+        self._live: list[_Task] = []  # started tasks, to place the next one on the least busy GPU
         self.threads = opts.threads or _env_threads() or max(1, (os.cpu_count() or 1) // opts.jobs)
         self.counts = {"ok": 0, "failed": 0, "skipped": 0, "trained": 0}
         self.poll_seconds = 2.0  # how often to look again when every queued run is held elsewhere
@@ -183,7 +186,10 @@ class Runner:
     def _start(self, task: _Task, payload: dict[str, Any]) -> None:
         from .worker import entry
 
-        payload.update(kind=task.kind, device=self.device, threads=self.threads, runner_pid=os.getpid(),
+        self._live = [t for t in self._live if t.proc is not None and t.proc.exitcode is None]
+        task.device = place(self.devices, [t.device for t in self._live])
+        self._live.append(task)
+        payload.update(kind=task.kind, device=task.device, threads=self.threads, runner_pid=os.getpid(),
                        deterministic=self.opts.deterministic, data_root=self.opts.data_root)
         task.log = self.work / "logs" / f"{task.kind}-{_safe(task.label)}-{task.key[:8]}.log"
         task.log.parent.mkdir(parents=True, exist_ok=True)
@@ -389,6 +395,20 @@ def _context():
 def _env_threads() -> int | None:
     v = os.environ.get("OMP_NUM_THREADS", "")
     return int(v) if v.isdigit() and int(v) > 0 else None
+
+
+def device_slots(device: str) -> list[str]:
+    """The devices runs may be placed on: every visible GPU for a plain ``cuda``, else ``device`` alone."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [device]
+
+
+def place(devices: list[str], busy: list[str]) -> str:
+    """The device of ``devices`` with the fewest running tasks (``busy`` lists theirs); the first on a tie."""
+    return min(devices, key=lambda d: (busy.count(d), devices.index(d)))
 
 
 def resolve_device(device: str) -> str:

@@ -90,6 +90,9 @@ def run_task(task: dict[str, Any], log_path: str | None = None) -> int:
         if log_path:
             _redirect_output(log_path)
         stages.setup_torch(task.get("threads"), task.get("deterministic", True))
+        if str(task.get("device", "")).startswith("cuda:"):  # one GPU of several: make it the current one,
+            import torch                                      # so synchronize and peak-memory stats are its own
+            torch.cuda.set_device(task["device"])
         if task["kind"] == "train":
             return run_train(task)
         if task["kind"] == "purify":
