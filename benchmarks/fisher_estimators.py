@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fipurify.defenses.fisher import fisher_trace
-from fipurify.defenses.spectral import attach_spectral, spectral_parameters
+from fipurify.curvature.fisher import fisher_trace
+from fipurify.curvature.spectral import attach_spectral, spectral_parameters
 
 
 class _Block(nn.Module):

@@ -45,7 +45,7 @@ def _curvlinops(path: str | None):
 
 def _product_fn(backend: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cl_path: str | None):
     """A flat v -> H v function for one back-end (model in eval mode)."""
-    from fipurify.analysis.hvp import HessianOperator
+    from fipurify.curvature.hvp import HessianOperator
 
     params = [p for p in model.parameters()]
     if backend.startswith("autograd") or backend == "func":

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
 
 from fipurify.cli import parse_key_values
 from presets import ATTACKS, RESULTS, model_path
@@ -29,19 +27,12 @@ from presets import ATTACKS, RESULTS, model_path
 METHODS = ["none", "ft", "fip", "ffip", "ffip-no-trf", "ffip-no-lr"]
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(attack: str, method: str, clean_size: int, options: dict) -> dict:
-    """One purification run in this process; returns its row."""
+    """One purification run in this process (:func:`fipurify.purification.purify_model`); returns its row."""
     from fipurify import defenses, load_model
+    from fipurify.bench.stages import Meter
     from fipurify.datasets import draw_clean_subset
-    from fipurify.metrics import defense_effectiveness_rate
+    from fipurify.purification import purify_model
     from fipurify.workflow import evaluate_saved, reload_data
 
     model, meta = load_model(model_path(attack))
@@ -51,17 +42,14 @@ def worker(attack: str, method: str, clean_size: int, options: dict) -> dict:
     row = {"attack": attack, "method": method, "clean_size": clean_size}
     if method == "none":
         return {**row, **before, "der": None, "seconds": 0.0, "epoch_s": None, "peak_mb": 0.0}
-    base_rss = _rss_mb()
     d = defenses.create(method, dataset="cifar10", **options)
-    t0 = time.perf_counter()
-    out = d.purify(model, clean, progress=False)
-    secs = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
-    after = evaluate_saved(out, meta, bundle=bundle)
+    meter = Meter("cpu")
+    result = purify_model(model, meta, d, clean, test=bundle, before=before, meter=meter)
     hist = d.report["history"]
-    return {**row, **after, "der": defense_effectiveness_rate(before, after), "seconds": secs,
+    return {**row, **result.after, "der": result.der, "seconds": result.wall_seconds,
             "epoch_s": sum(h["seconds"] for h in hist) / len(hist) if hist else None, "setup_s": d.report["seconds"]["setup"],
-            "peak_mb": max(peak, 0.0), "n_trainable": d.report["n_trainable"], "config": d.report["config"]}
+            "peak_mb": max(meter.peak - meter.base_rss, 0.0), "n_trainable": d.report["n_trainable"],
+            "config": d.report["config"]}
 
 
 def main() -> None:

@@ -117,7 +117,7 @@ def test_slq_density_has_unit_mass_and_the_exact_spectrum(exact):
 
 
 def test_fisher_trace_weights_chunks_by_size(exact):
-    from fipurify.defenses.fisher import fisher_trace
+    from fipurify.curvature.fisher import fisher_trace
 
     net, (x, y), _, _ = exact
     whole = fisher_trace(net.eval(), x, list(net.parameters()), "exact-expected", create_graph=False, sub_batch=len(x))
@@ -161,7 +161,7 @@ def test_spectral_hessian_is_projected_weight_hessian_and_model_is_unchanged():
 
 
 def test_plain_model_folds_a_copy_and_leaves_the_spectral_model_working():
-    from fipurify.defenses.spectral import attach_spectral, spectral_layers
+    from fipurify.curvature.spectral import attach_spectral, spectral_layers
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3))

@@ -366,7 +366,7 @@ def test_smoothness_penalty_lowers_the_fisher_trace(train):
     """
     from torch import nn
 
-    from fipurify.defenses.fisher import fisher_trace
+    from fipurify.curvature.fisher import fisher_trace
 
     data = attacks.create("badnets", poison_rate=0.2).poison(train)
     x = data.as_arrays()[0][:200]

@@ -49,7 +49,7 @@ def test_ffip_changes_only_singular_values():
 
 def test_proximal_anchor_step_is_the_exact_minimiser():
     model, data = _model_and_data()
-    from fipurify.defenses.fisher import diag_fisher
+    from fipurify.curvature.fisher import diag_fisher
 
     d = defenses.create("fip", epochs=1, lr=0.1, eta_f=0.0, eta_r=1e6, batch_size=16, momentum=0.0,
                         holdout=0.0, augment=False)
@@ -130,7 +130,7 @@ def test_ffip_keeps_clean_accuracy_and_fits_the_clean_set(tiny_backdoor):
 
 
 def _trace_after(model, data):
-    from fipurify.defenses.fisher import fisher_trace
+    from fipurify.curvature.fisher import fisher_trace
     x = torch.stack([data[i][0] for i in range(len(data))])
     model.eval()
     return float(fisher_trace(model, x, [p for p in model.parameters()], estimator="exact").detach())

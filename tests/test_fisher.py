@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fipurify.defenses.fisher import diag_fisher, fisher_anchor_loss, fisher_trace, snapshot
-from fipurify.defenses.spectral import attach_spectral, spectral_parameters
+from fipurify.curvature.fisher import diag_fisher, fisher_anchor_loss, fisher_trace, snapshot
+from fipurify.curvature.spectral import attach_spectral, spectral_parameters
 from fipurify.errors import ConfigError, DataError
 
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fipurify.defenses.spectral import (SpectralShift, attach_spectral, fold_spectral,
+from fipurify.curvature.spectral import (SpectralShift, attach_spectral, fold_spectral,
                                         spectral_layers, spectral_parameters)
 from fipurify.errors import ConfigError
 

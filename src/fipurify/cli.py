@@ -234,11 +234,11 @@ def _clean_set(args, model, meta: dict[str, Any]):
 
 
 def cmd_purify(args) -> int:
-    from . import defenses
     from .errors import DataError
     from .io import atomic_write_text, save_model
-    from .metrics import defense_effectiveness_rate, format_table
-    from .workflow import evaluate_saved, reload_test_only
+    from .metrics import format_table
+    from .purification import defense_for, purify_model
+    from .workflow import reload_test_only
 
     _check_model_inputs(args)
     report_path = args.report or str(Path(args.out).with_suffix(".json"))
@@ -261,8 +261,7 @@ def cmd_purify(args) -> int:
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     options.setdefault("seed", args.seed)
-    ds_name = meta.get("dataset", {}).get("name")
-    defense = defenses.create(args.method, dataset=ds_name if ds_name in defenses.PAPER_PRESETS else None, **options)
+    defense = defense_for(args.method, meta.get("dataset", {}).get("name"), **options)
     clean = _clean_set(args, model, meta)
     print(f"purifying {_model_label(args)} with {args.method} on {len(clean)} clean images", file=sys.stderr)
 
@@ -271,24 +270,23 @@ def cmd_purify(args) -> int:
         acc = f"  holdout-acc {100 * rec['holdout_acc']:.2f}" if "holdout_acc" in rec else ""
         print(f"epoch {rec['epoch']:3d}  {terms}{acc}  ({rec['seconds']:.2f}s)", file=sys.stderr)
 
-    check = None
-    if args.verify:  # the backdoor detector before purifying (clean data only; bad clean data fails here)
+    verify = None
+    if args.verify:  # the backdoor detector before purifying (clean data only; bad clean data fails there)
         from .detection.verify import PurificationCheck, format_comparison
-        check = PurificationCheck(model, clean, seed=args.seed,
-                                  log=None if args.quiet else (lambda m: print(f"detector: {m}", file=sys.stderr)))
-    purified = defense.purify(model, clean, progress=_progress(args), callback=None if args.quiet else log)
-    report = {"model": str(args.model if args.model is not None else args.weights), "clean_size": len(clean),
-              **defense.report}
-    if check is not None:
-        report["detector"] = check.after(purified)
+
+        def verify(m, c):
+            return PurificationCheck(m, c, seed=args.seed,
+                                     log=None if args.quiet else (lambda t: print(f"detector: {t}", file=sys.stderr))).after
+    result = purify_model(model, meta, defense, clean, test=test_data, verify=verify, progress=_progress(args),
+                          callback=None if args.quiet else log)
+    purified = result.model
+    report = {"model": str(args.model if args.model is not None else args.weights), **result.report}
+    if args.verify:
         print(format_comparison(report["detector"]))
     if test_data is not None:
-        before = evaluate_saved(model, meta, bundle=test_data)
-        after = evaluate_saved(purified, meta, bundle=test_data)
-        report["before"], report["after"] = before, after
-        rows = [{"model": "before", **before}, {"model": "after", **after}]
-        if before["asr"] is not None:
-            rows[1]["der"] = defense_effectiveness_rate(before, after)
+        rows = [{"model": "before", **report["before"]}, {"model": "after", **report["after"]}]
+        if report["der"] is not None:
+            rows[1]["der"] = report["der"]
         print(format_table(rows, ["model", "acc", "asr", "lcr", "der"]))
     drop = ("arch", "arch_kwargs", "history") if getattr(purified, "fipurify_spec", None) else ("history",)
     new_meta = {k: v for k, v in meta.items() if k not in drop}
@@ -332,7 +330,8 @@ def cmd_demo(args) -> int:
 
     from . import attacks, datasets, defenses
     from .errors import DataError
-    from .metrics import defense_effectiveness_rate, evaluate, format_table
+    from .metrics import format_table
+    from .purification import purify_model
     from .training import TrainConfig
     from .workflow import load_data, train_backdoored
 
@@ -354,17 +353,16 @@ def cmd_demo(args) -> int:
     attack = attacks.create(args.attack, target=0, seed=args.seed, poison_rate=args.poison_rate)
     print(f"[1/3] training a width-{args.width} PreActResNet18 on {len(bundle.train)} {name} images "
           f"with the {args.attack} backdoor ({args.epochs} epochs)", file=sys.stderr)
-    model, _ = train_backdoored(bundle, "preactresnet18", attack, cfg, width=args.width,
-                                progress=_progress(args), log=lambda m: print("      " + m, file=sys.stderr))
+    model, meta = train_backdoored(bundle, "preactresnet18", attack, cfg, width=args.width,
+                                   progress=_progress(args), log=lambda m: print("      " + m, file=sys.stderr))
     clean = datasets.draw_clean_subset(bundle.reserve, min(args.clean_size, len(bundle.reserve)), args.seed)
     print(f"[2/3] purifying with {args.method} on {len(clean)} clean images from the reserve", file=sys.stderr)
     defense = defenses.create(args.method, dataset="cifar10", seed=args.seed)
-    purified = defense.purify(model, clean, progress=_progress(args))
-    print("[3/3] evaluating on the test set", file=sys.stderr)
-    bd = attack.backdoor_test_set(bundle.test)
-    before, after = evaluate(model, bundle.test, bd), evaluate(purified, bundle.test, bd)
-    rows = [{"model": "backdoored", **before},
-            {"model": f"purified ({args.method})", **after, "der": defense_effectiveness_rate(before, after)}]
+    # purify_model also evaluates (step 3), on the test set and the attack recorded in ``meta``
+    result = purify_model(model, meta, defense, clean, test=bundle, progress=_progress(args))
+    print("[3/3] evaluated on the test set, before and after", file=sys.stderr)
+    rows = [{"model": "backdoored", **result.before},
+            {"model": f"purified ({args.method})", **result.after, "der": result.der}]
     print(format_table(rows, ["model", "acc", "asr", "lcr", "der"]))
     print(f"total {time.perf_counter() - t_start:.0f}s (purification {defense.report['seconds']['total']:.0f}s)")
     return 0

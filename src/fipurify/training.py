@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .augment import random_crop_flip
+from .curvature.fisher import fisher_trace
 from .errors import ConfigError, DataError
 from .validation import check_optimisation
 from .metrics import evaluate
@@ -103,13 +104,11 @@ def _smoothness_term(model: nn.Module, logits: torch.Tensor, cfg: TrainConfig, s
                      generator: torch.Generator, loss: torch.Tensor) -> torch.Tensor:
     """``loss + eta_F * Tr(F)`` on the penalty steps, else ``loss`` (the adaptive attack's objective).
 
-    Tr(F) is :func:`fipurify.defenses.fisher.fisher_trace`'s "sampled" estimate on this
+    Tr(F) is :func:`fipurify.curvature.fisher.fisher_trace`'s "sampled" estimate on this
     batch's logits (labels drawn from the model, BatchNorm as in training).
     """
     if cfg.smoothness_penalty <= 0 or step % cfg.smoothness_interval:
         return loss
-    from .defenses.fisher import fisher_trace  # imported late: defenses import this module
-
     params = [p for p in model.parameters() if p.requires_grad]
     return loss + cfg.smoothness_penalty * fisher_trace(model, None, params, "sampled", logits=logits,
                                                         generator=generator)

@@ -1,7 +1,8 @@
 """The common paths glued together: data with a clean reserve, backdoor training, evaluation.
 
 The CLI and the benchmarks both call these, so there is one definition of how a
-backdoored model and its clean reserve are made.
+backdoored model and its clean reserve are made. Purifying one and measuring it is
+:func:`fipurify.purification.purify_model`, built on these.
 """
 from __future__ import annotations
 

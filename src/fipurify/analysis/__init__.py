@@ -15,7 +15,7 @@ Tracking during training or purification: :class:`SmoothnessTracker`. Pictures:
 from .data import as_batches
 from .density import SpectralDensity, slq, smooth
 from .eigen import EigenResult, top_eigenvalues
-from .hvp import BACKENDS, HessianOperator
+from ..curvature.hvp import BACKENDS, HessianOperator
 from .lanczos import LanczosResult, lanczos, power_iteration
 from .measures import (MEASURES, SmoothnessReport, eigen_density, fisher_trace, hessian_operator, hessian_trace,
                        lambda_max, smoothness_report)

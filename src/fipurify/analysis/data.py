@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..curvature.hvp import Batch
 from ..errors import DataError
 
-Batch = tuple[Tensor, Tensor]
 DEFAULT_BATCH = 256
 
 
@@ -72,7 +72,3 @@ def as_batches(data: Any, batch_size: int | None = None, device: torch.device | 
         raise DataError("no data to analyse: the batch or dataset is empty")
     return out
 
-
-def count(batches: list[Batch]) -> int:
-    """Number of examples in ``batches``."""
-    return sum(len(x) for x, _ in batches)

@@ -1,4 +1,4 @@
-"""Tr(F) of a model on a sample, through :func:`fipurify.defenses.fisher.fisher_trace`."""
+"""Tr(F) of a model on a sample, through :func:`fipurify.curvature.fisher.fisher_trace`."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,9 +7,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..defenses.fisher import fisher_trace
+from ..curvature.fisher import fisher_trace
+from ..curvature.mode import analysis_mode
 from ..errors import ConfigError
-from ._context import analysis_mode
 from .data import Batch
 from .trace import TraceEstimate, summarize
 

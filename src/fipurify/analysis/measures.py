@@ -17,12 +17,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..curvature.hvp import HessianOperator
 from ..errors import ConfigError
 from .data import as_batches
 from .density import SpectralDensity, slq
 from .eigen import EigenResult, top_eigenvalues
 from .fisher import fisher_trace_on
-from .hvp import HessianOperator
 from .params import ParamSpec, resolve
 from .trace import TraceEstimate, hutchinson
 

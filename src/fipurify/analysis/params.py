@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..defenses.spectral import attach_spectral, fold_spectral, spectral_layers
+from ..curvature.spectral import attach_spectral, fold_spectral, spectral_layers
 from ..errors import ConfigError
 
 ParamSpec = Union[str, Sequence[Tensor], None]

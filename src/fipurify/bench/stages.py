@@ -160,12 +160,11 @@ def make_train_config(training: dict[str, Any], seed: int):
 
 def make_defense(cfg: dict[str, Any], dataset: str, seed: int):
     """A post-training defense from the registry, with the dataset's preset where one exists."""
-    from .. import defenses
+    from ..purification import defense_for
 
     opts = dict(cfg.get("options") or {})
     opts.setdefault("seed", seed)
-    preset = dataset if dataset in defenses.PAPER_PRESETS else None
-    return defenses.create(cfg["name"], dataset=preset, **opts)
+    return defense_for(cfg["name"], dataset, **opts)
 
 
 def load_bundle(data: dict[str, Any], seed: int, root: str | None):
@@ -288,19 +287,51 @@ def model_row(meta: dict[str, Any]) -> dict[str, Any]:
             "train_device": b.get("device")}
 
 
+class Meter:
+    """Wall time and memory of the block it wraps (the defense call): peak RSS, its rise over the
+    resident memory at entry, and the GPU peak on a CUDA ``device`` (synchronised at both ends)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.wall = self.peak = self.base_rss = float("nan")
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator["Meter"]:
+        import torch
+
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.base_rss = rss_mb()
+        t0 = time.perf_counter()
+        yield self
+        if cuda:
+            torch.cuda.synchronize()
+        self.wall = time.perf_counter() - t0
+        self.peak = peak_rss_mb()
+
+    def gpu_peak_mb(self) -> float | None:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2 ** 20 if self.device.startswith("cuda") else None
+
+
 def purify(run_config: dict[str, Any], path: Path, *, data_root: str | None = None,
            device: str = "cpu") -> dict[str, Any]:
     """Purify the cached model at ``path`` as ``run_config`` says; returns the result fields.
 
-    The clean set is drawn from the model's own clean reserve (never trained on), seeded
-    by the run; the test set and attack come from the model's metadata.
+    The purification itself is :func:`fipurify.purification.purify_model` (the one purify
+    path); around it this adds what the runner records: memory and timing (:class:`Meter`),
+    the clean validation accuracy before and after, and the ``clean_data = "oracle"``
+    capacity check. The clean set is drawn from the model's own clean reserve (never
+    trained on), seeded by the run; the test set and attack come from the model's metadata;
+    "before" is the model's metrics recorded at training time.
     """
-    import torch
-
     from ..datasets import draw_clean_subset
     from ..io import load_model
-    from ..metrics import defense_effectiveness_rate
-    from ..workflow import evaluate_saved, reload_data
+    from ..purification import purify_model
+    from ..workflow import reload_data
 
     model, meta = load_model(path)
     seed = int(run_config["seed"])
@@ -310,36 +341,25 @@ def purify(run_config: dict[str, Any], path: Path, *, data_root: str | None = No
     val_before = _accuracy(model, validation) if validation is not None else None
     if run_config["defense"].get("clean_data") == "oracle":
         clean = oracle_clean_set(clean, meta)
-    before = meta["metrics"]
     defense = make_defense(run_config["defense"], bundle.dataset_info["name"], seed)
     model = model.to(device)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base_rss = rss_mb()
-    t0 = time.perf_counter()
-    purified = defense.purify(model, clean, progress=False)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    peak = peak_rss_mb()
-    after = evaluate_saved(purified, meta, bundle=bundle)
-    val_acc = _accuracy(purified, validation) if validation is not None else None
-    report = getattr(defense, "report", {}) or {}
+    meter = Meter(device)
+    result = purify_model(model, meta, defense, clean, test=bundle, before=meta["metrics"], meter=meter)
+    after = result.after
+    val_acc = _accuracy(result.model, validation) if validation is not None else None
+    report = defense.report or {}
     hist = report.get("history") or []
     secs = report.get("seconds") or {}
-    der = defense_effectiveness_rate(before, after) if before.get("asr") is not None else None
     details = {"defense_report": {k: v for k, v in report.items() if k != "history"},
                "purify_epoch_seconds": [h.get("seconds") for h in hist],
                "train_epoch_seconds": (meta.get("bench") or {}).get("epoch_seconds"),
-               "purify_wall_seconds": wall, "n_clean": len(clean), "model_file": str(path), "val_before": val_before,
-               "n_test": after.get("n_clean"), "n_backdoor": after.get("n_backdoor")}
-    return {**model_row(meta), "acc": after["acc"], "asr": after["asr"], "lcr": after["lcr"], "der": der,
-            "val_acc": val_acc, "purify_seconds": _reported_seconds(secs, wall),
+               "purify_wall_seconds": meter.wall, "n_clean": len(clean), "model_file": str(path),
+               "val_before": val_before, "n_test": after.get("n_clean"), "n_backdoor": after.get("n_backdoor")}
+    return {**model_row(meta), "acc": after["acc"], "asr": after["asr"], "lcr": after["lcr"], "der": result.der,
+            "val_acc": val_acc, "purify_seconds": _reported_seconds(secs, meter.wall),
             "purify_epoch_seconds": _mean([h["seconds"] for h in hist if "seconds" in h]),
-            "peak_rss_mb": peak, "purify_peak_mb": max(peak - base_rss, 0.0),
-            "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else None,
-            "details": details}
+            "peak_rss_mb": meter.peak, "purify_peak_mb": max(meter.peak - meter.base_rss, 0.0),
+            "gpu_peak_mb": meter.gpu_peak_mb(), "details": details}
 
 
 #: Clean reserve images set aside (disjoint from the defense's clean set) to report clean validation

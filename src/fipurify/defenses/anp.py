@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback
+from .base import EpochCallback, Step
 from .baseline_common import BaselineConfig, BaselineDefense, copy_of
 from .loop import finetune, make_optimizer
 
@@ -124,12 +124,10 @@ class ANP(BaselineDefense):
     name = "anp"
     config_class = ANPConfig
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
         cfg: ANPConfig = self.config
-        t_start = time.perf_counter()
-        train_set, holdout = self.clean_split(model, clean_data)
-        torch.manual_seed(cfg.seed)
+        purified = model  # pruned at the end; the masks train on another copy
         work = copy_of(model)  # only the masks are trained; its weights stay as they are
         for p in work.parameters():
             p.requires_grad_(False)
@@ -168,7 +166,6 @@ class ANP(BaselineDefense):
             pert.remove()
         t0 = time.perf_counter()
         self.masks = {name: q.detach().cpu().clone() for (name, _, _), q in zip(pert.layers, pert.masks)}
-        purified = copy_of(model)
         mods = dict(purified.named_modules())
         pruned: dict[str, list[int]] = {}
         with torch.no_grad():
@@ -178,11 +175,8 @@ class ANP(BaselineDefense):
                     mods[name].weight[idx] = 0.0
                     pruned[name] = idx
         n_neurons = sum(q.numel() for q in pert.masks)
-        self.make_report(train_set, holdout, n_neurons,
-                         {"total": time.perf_counter() - t_start, "setup": 0.0, "prune": time.perf_counter() - t0},
-                         history,
-                         pruned_neurons=pruned, n_pruned=sum(len(v) for v in pruned.values()),
-                         n_neurons=n_neurons, threshold=cfg.threshold,
-                         mask_min=float(min(q.detach().min() for q in pert.masks)),
-                         mask_mean=float(sum(q.detach().sum() for q in pert.masks) / n_neurons))
-        return purified.eval()
+        return Step(purified.eval(), history, n_neurons, {"setup": 0.0, "prune": time.perf_counter() - t0},
+                    {"pruned_neurons": pruned, "n_pruned": sum(len(v) for v in pruned.values()),
+                     "n_neurons": n_neurons, "threshold": cfg.threshold,
+                     "mask_min": float(min(q.detach().min() for q in pert.masks)),
+                     "mask_mean": float(sum(q.detach().sum() for q in pert.masks) / n_neurons)})

@@ -47,7 +47,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback
+from .base import Defense, DefenseConfig, EpochCallback, Step
 from .loop import finetune, make_optimizer
 
 
@@ -123,13 +123,12 @@ class AWM(Defense):
         kinds = (nn.Conv2d, nn.Linear) if self.config.mask_linear else (nn.Conv2d,)
         return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
         cfg: AWMConfig = self.config
-        train_set, holdout = self.clean_split(model, clean_data)
         t_start = time.perf_counter()
-        work = copy.deepcopy(model)
-        torch.manual_seed(cfg.seed)
+        purified = copy.deepcopy(model)  # the masks are folded into this untouched copy at the end
+        work = model
         work.requires_grad_(False)
         layers = self._masked_layers(work)
         if not layers:
@@ -213,8 +212,7 @@ class AWM(Defense):
         for rec, l1 in zip(history, trig_l1):
             rec["trigger_l1"] = l1
 
-        # Fold the masks into a fresh copy: same class, same state-dict keys and order.
-        purified = copy.deepcopy(model)
+        # Fold the masks into the untouched copy: same class, same state-dict keys and order.
         named = dict(purified.named_modules())
         with torch.no_grad():
             for (name, _), mk in zip(layers, masks):
@@ -222,8 +220,6 @@ class AWM(Defense):
         values = torch.cat([mk.detach().flatten() for mk in masks])
         keep = ("delta",) if additive else ("mask", "pattern")
         self.trigger = {k: trigger[k].detach().cpu() for k in keep}
-        self.make_report(train_set, holdout, values.numel(),
-                         {"total": time.perf_counter() - t_start, "setup": setup_s, "trigger": trig_s[0]}, history,
-                         masked_layers=[n for n, _ in layers], mask_mean=float(values.mean()),
-                         mask_below_half=float((values < 0.5).float().mean()), trigger_l1=trig_l1)
-        return purified.eval()
+        return Step(purified.eval(), history, values.numel(), {"setup": setup_s, "trigger": trig_s[0]},
+                    {"masked_layers": [n for n, _ in layers], "mask_mean": float(values.mean()),
+                     "mask_below_half": float((values < 0.5).float().mean()), "trigger_l1": trig_l1})

@@ -5,14 +5,20 @@ per-dataset presets) and acts in one call::
 
     purified = Defense(config).purify(model, clean_data)
 
+:meth:`Defense.purify` is a template method: it checks and splits the clean set, copies
+the model, seeds torch, times the run and writes the report once; a method implements
+only its own step, :meth:`Defense._purify`, which returns a :class:`Step`.
+
 ``clean_data`` is any map-style ``Dataset`` of ``(image, label)`` or a ``DataLoader``
 over one. A defense never sees test data. After ``purify`` the defense holds a
 ``report`` dict (config, timings, per-epoch figures) for the CLI and benchmarks.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields, replace
+import copy
+import time
+from abc import ABC
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
@@ -20,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
-from ..validation import check_optimisation
+from ..validation import as_dataset, check_optimisation
 from .split import holdout_split
 
 #: a callback receives one per-epoch record (dict) while a defense runs
@@ -118,21 +124,60 @@ class Configured:
         self.report: dict[str, Any] = {}
 
 
+@dataclass
+class Step:
+    """What a method's own step (:meth:`Defense._purify`) hands back to :meth:`Defense.purify`.
+
+    ``model`` is the purified model; ``history`` the per-epoch records; ``n_trainable`` the
+    number of values trained; ``seconds`` the method's own phases (e.g. ``setup``; ``total``
+    is added by the template, ``train`` defaults to the summed epoch times); ``extra`` the
+    method-specific report fields.
+    """
+    model: nn.Module
+    history: list[dict[str, Any]]
+    n_trainable: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class Defense(Configured, ABC):
     """Base class: configure in the constructor, act in :meth:`purify`.
 
-    Also the pieces every purification method shares: the clean-set check and hold-out
-    split (:meth:`clean_split`) and the report (:meth:`make_report`).
+    :meth:`purify` is the template every method shares: :meth:`check_model`, the clean-set
+    check and hold-out split (:meth:`clean_split`), a copy of the model (:meth:`copy_model`),
+    ``torch.manual_seed(config.seed)``, the method's :meth:`_purify`, then the report
+    (:meth:`make_report`) with the total time. A method whose prelude differs (e.g. one that
+    needs no clean data) overrides :meth:`purify` itself and uses the same pieces.
     """
 
     name: ClassVar[str] = "defense"
     config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
     config: DefenseConfig
 
-    @abstractmethod
     def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
                progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
         """Return a purified copy of ``model`` (the input model is left unchanged)."""
+        self.check_model(model)
+        t_start = time.perf_counter()
+        train_set, holdout = self.clean_split(model, clean_data)
+        work = self.copy_model(model)
+        torch.manual_seed(self.config.seed)
+        step = self._purify(work, train_set, holdout, progress=progress, callback=callback)
+        self.make_report(train_set, holdout, step.n_trainable,
+                         {"total": time.perf_counter() - t_start, **step.seconds}, step.history, **step.extra)
+        return step.model
+
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
+        """The method's own step on ``model`` (already a seeded copy it may change in place)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _purify nor purify")
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model this method cannot work on (ConfigError), before anything else; default: any."""
+
+    def copy_model(self, model: nn.Module) -> nn.Module:
+        """The working copy :meth:`purify` hands to :meth:`_purify` (default: a deep copy, modes kept)."""
+        return copy.deepcopy(model)
 
     @classmethod
     def paper_schedule(cls) -> dict[str, Any]:
@@ -174,15 +219,6 @@ def labelled(callback: EpochCallback | None, key: str, value: str) -> EpochCallb
         if callback is not None:
             callback(rec)
     return cb
-
-
-def as_dataset(clean_data: Dataset | DataLoader) -> Dataset:
-    """The dataset behind ``clean_data``; raises DataError for anything else."""
-    if isinstance(clean_data, DataLoader):
-        clean_data = clean_data.dataset
-    if not hasattr(clean_data, "__getitem__") or not hasattr(clean_data, "__len__"):
-        raise DataError("clean data must be a map-style Dataset of (image, label) or a DataLoader over one")
-    return clean_data
 
 
 def check_clean_set(dataset: Dataset, minimum: int, model: nn.Module | None = None) -> None:

@@ -60,6 +60,10 @@ class BaselineDefense(Defense):
 
     config_class = BaselineConfig
 
+    def copy_model(self, model: nn.Module) -> nn.Module:
+        """The working copy: :func:`copy_of` (eval mode, every parameter trainable)."""
+        return copy_of(model)
+
     def scheduler(self, epochs: int | None = None, kind: str | None = None) -> Callable[[torch.optim.Optimizer], Any]:
         cfg: BaselineConfig = self.config
         return make_scheduler(kind or cfg.schedule, epochs or cfg.epochs, cfg.milestones, cfg.gamma)

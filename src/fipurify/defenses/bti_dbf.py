@@ -75,7 +75,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback, labelled
+from .base import Defense, DefenseConfig, EpochCallback, Step, labelled
 from .loop import finetune, make_optimizer
 
 
@@ -284,13 +284,14 @@ class BTIDBF(Defense):
     def method_name(self) -> str:
         return "bti-dbf-pam" if self.config.pam else self.name
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+    def copy_model(self, model: nn.Module) -> nn.Module:
+        """Eval mode, every parameter trainable (the classifier is unlearned in place)."""
+        return copy.deepcopy(model).requires_grad_(True).eval()
+
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
         cfg: BTIDBFConfig = self.config
-        t_start = time.perf_counter()
-        train_set, holdout = self.clean_split(model, clean_data)
-        work = copy.deepcopy(model).requires_grad_(True).eval()
-        torch.manual_seed(cfg.seed)
+        work = model  # the template's copy: eval mode, every parameter trainable
         params = list(work.parameters())
         device = params[0].device
         original = [p.detach().clone() for p in params]
@@ -426,15 +427,13 @@ class BTIDBF(Defense):
         with torch.no_grad():
             gen_acc = self._accuracy_on_generated(work, generator, train_set, cfg.batch_size)
         self.generator = generator.cpu()  # G(x) on clean images: the inverted trigger, for inspection
-        self.make_report(train_set, holdout, sum(p.numel() for p in params),
-                         {"total": time.perf_counter() - t_start, "setup": 0.0, **seconds,
-                          "train": sum(seconds.values())}, history,
-                         target_label=target, rounds_run=len(rounds), early_stopped=early_stopped, rounds=rounds,
-                         feature_space=split.kind, gen_budget=cfg.norm_bound,
-                         generated_clean_acc_after=gen_acc, pam=cfg.pam,
-                         pam_rho=cfg.pam_rho if cfg.pam else None,
-                         pam_t_mean=float(sum(pam_ts) / len(pam_ts)) if pam_ts else None)
-        return work.eval()
+        return Step(work.eval(), history, sum(p.numel() for p in params),
+                    {"setup": 0.0, **seconds, "train": sum(seconds.values())},
+                    {"target_label": target, "rounds_run": len(rounds), "early_stopped": early_stopped,
+                     "rounds": rounds, "feature_space": split.kind, "gen_budget": cfg.norm_bound,
+                     "generated_clean_acc_after": gen_acc, "pam": cfg.pam,
+                     "pam_rho": cfg.pam_rho if cfg.pam else None,
+                     "pam_t_mean": float(sum(pam_ts) / len(pam_ts)) if pam_ts else None})
 
     @staticmethod
     @torch.no_grad()

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
 from ..metrics import accuracy, predict
-from .base import EpochCallback
-from .baseline_common import BaselineConfig, BaselineDefense, conv_bn_pairs, copy_of, example_input, model_device
+from .base import EpochCallback, Step
+from .baseline_common import BaselineConfig, BaselineDefense, conv_bn_pairs, example_input, model_device
 from .loop import finetune
 from .pruning import channel_tensors, zero_channels
 
@@ -93,13 +93,9 @@ class FinePruning(BaselineDefense):
     name = "fp"
     config_class = FinePruningConfig
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
         cfg: FinePruningConfig = self.config
-        t_start = time.perf_counter()
-        train_set, holdout = self.clean_split(model, clean_data)
-        model = copy_of(model)
-        torch.manual_seed(cfg.seed)
         layer = cfg.layer or default_layer(model)
         mods = dict(model.named_modules())
         if layer not in mods:
@@ -124,12 +120,10 @@ class FinePruning(BaselineDefense):
         params = list(model.parameters())
         history = finetune(model, params, train_set, cfg, holdout=holdout, post_step=keep_pruned,
                            scheduler=self.scheduler(), progress=progress, callback=callback, desc=self.name)
-        self.make_report(train_set, holdout, sum(p.numel() for p in params),
-                         {"total": time.perf_counter() - t_start, "setup": prune_s, "prune": prune_s}, history,
-                         layer=layer, bn_after=bn_after, n_channels=len(order), pruned_channels=sorted(pruned),
-                         n_pruned=len(pruned), prune_check_set="holdout" if holdout is not None else "train",
-                         acc_before_prune=base_acc, acc_after_prune=pruned_acc)
-        return model.eval()
+        return Step(model.eval(), history, sum(p.numel() for p in params), {"setup": prune_s, "prune": prune_s},
+                    {"layer": layer, "bn_after": bn_after, "n_channels": len(order), "pruned_channels": sorted(pruned),
+                     "n_pruned": len(pruned), "prune_check_set": "holdout" if holdout is not None else "train",
+                     "acc_before_prune": base_acc, "acc_after_prune": pruned_acc})
 
     def _search(self, model: nn.Module, module: nn.Module, order: list[int], data: Dataset
                 ) -> tuple[list[int], float, float]:

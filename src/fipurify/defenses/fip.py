@@ -30,7 +30,6 @@ eta_r / 2 * L_r.
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 import time
 from dataclasses import dataclass
@@ -40,12 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..curvature.fisher import diag_fisher, fisher_anchor_loss, fisher_trace, snapshot
+from ..curvature.spectral import attach_spectral, fold_spectral
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback
-from .fisher import diag_fisher, fisher_anchor_loss, fisher_trace, snapshot
+from .base import Defense, DefenseConfig, EpochCallback, Step
 from .loop import finetune, make_optimizer
 from .released import released_trace_term
-from .spectral import attach_spectral, fold_spectral
 
 ESTIMATORS = ("sampled", "exact", "empirical")
 #: "fisher": the paper's eta_F * Tr(F); "released": the released script's noise term
@@ -120,13 +119,9 @@ class FIP(Defense):
             params += extra
         return [p for _, p in params], [n for n, _ in params]
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
         cfg: FIPConfig = self.config
-        train_set, holdout = self.clean_split(model, clean_data)
-        t_start = time.perf_counter()
-        model = copy.deepcopy(model)
-        torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         params, names = self._trainable(model)
         setup_s = time.perf_counter() - t0  # the SVD time for f-FIP
@@ -180,10 +175,8 @@ class FIP(Defense):
             fold_spectral(model)
         for p in model.parameters():
             p.requires_grad_(True)
-        self.make_report(train_set, holdout, sum(p.numel() for p in params),
-                         {"total": time.perf_counter() - t_start, "setup": setup_s, "fisher_diag": fisher_s},
-                         history, trainable_tensors=len(names))
-        return model.eval()
+        return Step(model.eval(), history, sum(p.numel() for p in params),
+                    {"setup": setup_s, "fisher_diag": fisher_s}, {"trainable_tensors": len(names)})
 
     def method_name(self) -> str:
         cfg: FIPConfig = self.config

@@ -35,11 +35,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback
-from .baseline_common import BaselineConfig, BaselineDefense, copy_of, model_device
+from .base import EpochCallback, Step
+from .baseline_common import BaselineConfig, BaselineDefense, model_device
 from .loop import finetune, make_optimizer
 
 
@@ -87,12 +87,10 @@ class FST(BaselineDefense):
     name = "fst"
     config_class = FSTConfig
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
         cfg: FSTConfig = self.config
         t_start = time.perf_counter()
-        train_set, holdout = self.clean_split(model, clean_data)
-        model = copy_of(model)
         device = model_device(model)
         with torch.no_grad():
             num_classes = model(train_set[0][0][None].to(device)).shape[-1]
@@ -107,7 +105,6 @@ class FST(BaselineDefense):
                 head.bias.copy_(torch.empty(head.bias.shape).uniform_(-bound, bound, generator=gen))
             head.weight.mul_(norm0 / head.weight.norm())
         cos_init = head_cosine(head.weight, w0)
-        torch.manual_seed(cfg.seed)
         params = list(model.parameters())
         opt = make_optimizer(params, cfg)
 
@@ -128,8 +125,6 @@ class FST(BaselineDefense):
         history = finetune(model, params, train_set, cfg, holdout=holdout, optimizer=opt, penalty=shift,
                            post_step=hold_norm, scheduler=self.scheduler(), progress=progress,
                            callback=annotate, desc=self.name)
-        self.make_report(train_set, holdout, sum(p.numel() for p in params),
-                         {"total": time.perf_counter() - t_start, "setup": setup_s}, history,
-                         head=head_name, head_norm=float(norm0), head_cosine_init=cos_init,
-                         head_cosine=[r["head_cosine"] for r in history])
-        return model.eval()
+        return Step(model.eval(), history, sum(p.numel() for p in params), {"setup": setup_s},
+                    {"head": head_name, "head_norm": float(norm0), "head_cosine_init": cos_init,
+                     "head_cosine": [r["head_cosine"] for r in history]})

@@ -19,11 +19,11 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback
-from .baseline_common import BaselineConfig, BaselineDefense, copy_of
+from .base import EpochCallback, Step
+from .baseline_common import BaselineConfig, BaselineDefense
 from .loop import finetune, make_optimizer
 from .sam import SAM
 
@@ -70,13 +70,10 @@ class FTSAM(BaselineDefense):
     name = "ft-sam"
     config_class = FTSAMConfig
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
         cfg: FTSAMConfig = self.config
         t_start = time.perf_counter()
-        train_set, holdout = self.clean_split(model, clean_data)
-        model = copy_of(model)
-        torch.manual_seed(cfg.seed)
         params = list(model.parameters())
         base = make_optimizer(params, cfg)
         sam = SAM(params, base, rho=cfg.rho, adaptive=cfg.adaptive)
@@ -101,6 +98,4 @@ class FTSAM(BaselineDefense):
         setup_s = time.perf_counter() - t_start
         history = finetune(model, params, train_set, cfg, holdout=holdout, optimizer=base, step_fn=sam_step,
                            scheduler=self.scheduler(), progress=progress, callback=callback, desc=self.name)
-        self.make_report(train_set, holdout, sum(p.numel() for p in params),
-                         {"total": time.perf_counter() - t_start, "setup": setup_s}, history)
-        return model.eval()
+        return Step(model.eval(), history, sum(p.numel() for p in params), {"setup": setup_s})

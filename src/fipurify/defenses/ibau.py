@@ -29,7 +29,6 @@ perturbation per round (0 = one pass, as theirs) for CPU-cheap runs.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback
+from .base import Defense, DefenseConfig, EpochCallback, Step
 from .loop import finetune, make_optimizer
 
 
@@ -122,13 +121,9 @@ class IBAU(Defense):
     name = "i-bau"
     config_class = IBAUConfig
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
         cfg: IBAUConfig = self.config
-        train_set, holdout = self.clean_split(model, clean_data)
-        t_start = time.perf_counter()
-        model = copy.deepcopy(model)
-        torch.manual_seed(cfg.seed)
         params = [p for p in model.parameters()]
         for p in params:
             p.requires_grad_(True)
@@ -178,7 +173,5 @@ class IBAU(Defense):
         for rec, n in zip(history, norms):
             rec["pert_norm"] = n
         self.perturbation = delta.detach().cpu()
-        self.make_report(train_set, holdout, sum(p.numel() for p in params),
-                         {"total": time.perf_counter() - t_start, "setup": 0.0, "perturbation": pert_s[0]},
-                         history, perturbation_norms=norms)
-        return model.eval()
+        return Step(model.eval(), history, sum(p.numel() for p in params),
+                    {"setup": 0.0, "perturbation": pert_s[0]}, {"perturbation_norms": norms})

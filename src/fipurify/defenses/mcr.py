@@ -24,11 +24,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from ..metrics import accuracy, predict
-from .base import EpochCallback, labelled
+from .base import EpochCallback, Step, labelled
 from .baseline_common import BaselineConfig, BaselineDefense, copy_of, recompute_bn_stats
 from .loop import finetune
 
@@ -110,14 +110,13 @@ class MCR(BaselineDefense):
     name = "mcr"
     config_class = MCRConfig
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
         cfg: MCRConfig = self.config
         t_start = time.perf_counter()
-        train_set, holdout = self.clean_split(model, clean_data)
-        torch.manual_seed(cfg.seed)
 
-        # 1. the second end point: the backdoored model fine-tuned on the clean set
+        # 1. the second end point: the backdoored model fine-tuned on the clean set (``model``, the
+        # template's copy, stays the backdoored end point)
         end = copy_of(model)
         ft_cfg = replace(cfg, epochs=cfg.ft_epochs, lr=cfg.ft_lr, weight_decay=cfg.ft_weight_decay)
         ft_hist = finetune(end, list(end.parameters()), train_set, ft_cfg, holdout=holdout,
@@ -126,7 +125,7 @@ class MCR(BaselineDefense):
         endpoint_s = time.perf_counter() - t_start
 
         # 2. the curve's middle control point
-        curve = BezierCurve(copy_of(model), end, seed=cfg.seed)
+        curve = BezierCurve(model, end, seed=cfg.seed)
         curve_hist = finetune(curve, list(curve.mid), train_set, cfg, scheduler=self.scheduler(), progress=progress,
                               callback=labelled(callback, "stage", "curve"), desc=f"{self.name} curve")
 
@@ -142,8 +141,6 @@ class MCR(BaselineDefense):
         bn_recomputed = recompute_bn_stats(purified, train_set, cfg.batch_size)
         picked_acc = accuracy(*predict(purified, holdout)) if holdout is not None else None
         history = ft_hist + curve_hist
-        self.make_report(train_set, holdout, sum(p.numel() for p in curve.mid),
-                         {"total": time.perf_counter() - t_start, "setup": 0.0, "endpoint": endpoint_s,
-                          "select": time.perf_counter() - t0}, history,
-                         t=cfg.t, holdout_acc_at_t=picked_acc, curve_scan=scan, bn_recomputed=bn_recomputed)
-        return purified.eval()
+        return Step(purified.eval(), history, sum(p.numel() for p in curve.mid),
+                    {"setup": 0.0, "endpoint": endpoint_s, "select": time.perf_counter() - t0},
+                    {"t": cfg.t, "holdout_acc_at_t": picked_acc, "curve_scan": scan, "bn_recomputed": bn_recomputed})

@@ -20,10 +20,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback, labelled
+from .base import EpochCallback, Step, labelled
 from .baseline_common import BaselineConfig, BaselineDefense, copy_of
 from .loop import finetune, make_optimizer
 
@@ -121,15 +121,13 @@ class NAD(BaselineDefense):
                               f"({', '.join(stages) or 'none'}); pass layers=[module names]")
         return stages[len(stages) - len(cfg.betas):]
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
         cfg: NADConfig = self.config
         t_start = time.perf_counter()
-        train_set, holdout = self.clean_split(model, clean_data)
         layers = self._layers(model)
-        torch.manual_seed(cfg.seed)
 
-        # 1. the teacher: plain fine-tuning of a copy
+        # 1. the teacher: plain fine-tuning of a copy (``model`` itself becomes the student)
         teacher = copy_of(model)
         t_cfg = replace(cfg, epochs=cfg.teacher_epochs)
         t_params = list(teacher.parameters())
@@ -143,7 +141,7 @@ class NAD(BaselineDefense):
         teacher_s = time.perf_counter() - t_start
 
         # 2. the student: CE + sum_l beta_l * AT loss against the teacher
-        student = copy_of(model)
+        student = model
         s_cap, t_cap = _Capture(student, layers), _Capture(teacher, layers)
 
         def distill(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
@@ -164,7 +162,5 @@ class NAD(BaselineDefense):
             s_cap.remove()
             t_cap.remove()
         history = t_hist + s_hist
-        self.make_report(train_set, holdout, sum(p.numel() for p in s_params),
-                         {"total": time.perf_counter() - t_start, "setup": 0.0, "teacher": teacher_s}, history,
-                         layers=layers, betas=list(cfg.betas))
-        return student.eval()
+        return Step(student.eval(), history, sum(p.numel() for p in s_params), {"setup": 0.0, "teacher": teacher_s},
+                    {"layers": layers, "betas": list(cfg.betas)})

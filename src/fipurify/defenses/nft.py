@@ -33,11 +33,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback
-from .baseline_common import BaselineConfig, BaselineDefense, copy_of
+from .base import EpochCallback, Step
+from .baseline_common import BaselineConfig, BaselineDefense
 from .loop import finetune, make_optimizer
 from .rnp import batchnorm_layers
 
@@ -119,16 +119,16 @@ class NFT(BaselineDefense):
     name = "nft"
     config_class = NFTConfig
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
-        cfg: NFTConfig = self.config
+    def check_model(self, model: nn.Module) -> None:
         if not batchnorm_layers(model):
             raise ConfigError("NFT fine-tunes masks on batch-norm channels, and this model has no "
                               "(affine) batch-norm layer")
+
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
+        cfg: NFTConfig = self.config
         t_start = time.perf_counter()
-        train_set, holdout = self.clean_split(model, clean_data)
-        work = copy_of(model).requires_grad_(False)
-        torch.manual_seed(cfg.seed)
+        work = model.requires_grad_(False)  # only the masks train
         layers = batchnorm_layers(work)
         masks = [torch.ones(bn.num_features, device=bn.weight.device, requires_grad=True) for _, bn in layers]
         bounds = lower_bounds(len(masks), cfg.mask_alpha, cfg.mask_beta)
@@ -171,14 +171,12 @@ class NFT(BaselineDefense):
         purified = work.requires_grad_(True).eval()
         values = torch.cat([mk.detach() for mk in masks])
         self.masks = {name: mk.detach().cpu() for (name, _), mk in zip(layers, masks)}
-        self.make_report(train_set, holdout, int(values.numel()),
-                         {"total": time.perf_counter() - t_start, "setup": setup_s}, history,
-                         n_masks=int(values.numel()), n_layers=len(masks),
-                         mask_mean=float(values.mean()), mask_min=float(values.min()),
-                         mask_below_half=int((values < 0.5).sum()),
-                         mask_sparsity=float((values < 0.5).float().mean()),
-                         mask_at_lower_bound=int(sum(int((mk.detach() <= low + 1e-6).sum())
-                                                     for mk, low in zip(masks, bounds))),
-                         per_layer_mask_mean={name: float(mk.mean()) for name, mk in self.masks.items()},
-                         mixup_lambda_mean=float(sum(lams) / max(len(lams), 1)), images_per_class=per_class)
-        return purified
+        return Step(purified, history, int(values.numel()), {"setup": setup_s},
+                    {"n_masks": int(values.numel()), "n_layers": len(masks),
+                     "mask_mean": float(values.mean()), "mask_min": float(values.min()),
+                     "mask_below_half": int((values < 0.5).sum()),
+                     "mask_sparsity": float((values < 0.5).float().mean()),
+                     "mask_at_lower_bound": int(sum(int((mk.detach() <= low + 1e-6).sum())
+                                                    for mk, low in zip(masks, bounds))),
+                     "per_layer_mask_mean": {name: float(mk.mean()) for name, mk in self.masks.items()},
+                     "mixup_lambda_mean": float(sum(lams) / max(len(lams), 1)), "images_per_class": per_class})

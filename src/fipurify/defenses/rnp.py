@@ -30,10 +30,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback, labelled
+from .base import Defense, DefenseConfig, EpochCallback, Step, labelled
 from .loop import finetune
 
 
@@ -95,14 +95,12 @@ class RNP(Defense):
     name = "rnp"
     config_class = RNPConfig
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
         cfg: RNPConfig = self.config
-        train_set, holdout = self.clean_split(model, clean_data)
-        if not batchnorm_layers(model):
+        if not batchnorm_layers(model):  # checked after the clean split, as before the template
             raise ConfigError("RNP prunes batch-norm channels, and this model has no batch-norm layer")
         t_start = time.perf_counter()
-        torch.manual_seed(cfg.seed)
 
         # 1. unlearning: gradient ascent until the epoch's clean training accuracy <= threshold
         unlearned = copy.deepcopy(model).requires_grad_(True)
@@ -160,7 +158,7 @@ class RNP(Defense):
         else:
             prune = torch.zeros_like(values, dtype=torch.bool)
             prune[torch.argsort(values, stable=True)[:int(round(cfg.prune_ratio * len(values)))]] = True
-        purified = copy.deepcopy(model)
+        purified = model  # the template's copy, untouched until now
         pruned: list[dict[str, Any]] = []
         offset = 0
         with torch.no_grad():
@@ -171,12 +169,10 @@ class RNP(Defense):
                 pruned += [{"layer": name, "index": int(i), "mask": float(mk[i])} for i in torch.nonzero(sel).flatten()]
                 offset += len(mk)
         self.masks = {name: mk.detach().cpu() for (name, _), mk in zip(layers, masks)}
-        total = time.perf_counter() - t_start
         n_unlearn = sum(1 for r in history if r.get("phase") == "unlearn")
-        self.make_report(train_set, holdout, sum(p.numel() for p in params),
-                         {"total": total, "setup": 0.0, "unlearn": unlearn_s, "recover": recover_s}, history,
-                         n_masks=int(values.numel()), unlearn_epochs_run=n_unlearn,
-                         threshold_reached=bool(n_unlearn and history[n_unlearn - 1]["train_acc"]
-                                                <= cfg.clean_threshold),
-                         n_pruned=len(pruned), pruned=pruned)
-        return purified.eval()
+        return Step(purified.eval(), history, sum(p.numel() for p in params),
+                    {"setup": 0.0, "unlearn": unlearn_s, "recover": recover_s},
+                    {"n_masks": int(values.numel()), "unlearn_epochs_run": n_unlearn,
+                     "threshold_reached": bool(n_unlearn and history[n_unlearn - 1]["train_acc"]
+                                               <= cfg.clean_threshold),
+                     "n_pruned": len(pruned), "pruned": pruned})

@@ -57,11 +57,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback
-from .baseline_common import BaselineConfig, BaselineDefense, copy_of
+from .base import EpochCallback, Step
+from .baseline_common import BaselineConfig, BaselineDefense
 from .loop import finetune, make_optimizer
 
 PGD_INITS = ("max", "zero", "random")
@@ -201,16 +201,13 @@ class SAU(BaselineDefense):
     name = "sau"
     config_class = SAUConfig
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
         cfg: SAUConfig = self.config
         t_start = time.perf_counter()
-        train_set, holdout = self.clean_split(model, clean_data)
-        reference = copy.deepcopy(model).eval()
+        reference = copy.deepcopy(model).eval()  # the unchanged copy: the backdoored model
         for p in reference.parameters():
             p.requires_grad_(False)
-        model = copy_of(model)
-        torch.manual_seed(cfg.seed)
         params = list(model.parameters())
         opt = make_optimizer(params, cfg, cfg.optimizer)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -255,8 +252,6 @@ class SAU(BaselineDefense):
         history = finetune(model, params, train_set, cfg, holdout=holdout, optimizer=opt, step_fn=sau_step,
                            epoch_start=lambda epoch: counts.append([0, 0, 0]), scheduler=self.scheduler(),
                            progress=progress, callback=annotate, desc=self.name)
-        self.make_report(train_set, holdout, sum(p.numel() for p in params),
-                         {"total": time.perf_counter() - t_start, "setup": setup_s, "pgd": pgd_s[0]}, history,
-                         shared_share=[r["shared_share"] for r in history],
-                         ref_fooled_share=[r["ref_fooled_share"] for r in history])
-        return model.eval()
+        return Step(model.eval(), history, sum(p.numel() for p in params), {"setup": setup_s, "pgd": pgd_s[0]},
+                    {"shared_share": [r["shared_share"] for r in history],
+                     "ref_fooled_share": [r["ref_fooled_share"] for r in history]})

@@ -3,7 +3,7 @@
 Everything here works on any ``nn.Module`` that maps a batch of inputs to a batch of logits
 (``B x C``) and on a chosen set of parameters ``params``: a ``dict`` name -> tensor or a
 sequence of tensors. For FIP these are the model weights; for f-FIP they are the
-singular-value shifts ``delta`` of :mod:`fipurify.defenses.spectral`.
+singular-value shifts ``delta`` of :mod:`fipurify.curvature.spectral`.
 
 Notation: ``p(y|x) = softmax(model(x))_y`` and ``s_y(x) = grad_params log p(y|x)``.
 

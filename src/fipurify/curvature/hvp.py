@@ -24,8 +24,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 from ..errors import ConfigError
-from ._context import analysis_mode
-from .data import Batch, count
+from .mode import analysis_mode
+
+#: One ``(inputs, labels)`` batch of the fixed sample the operator is defined on.
+Batch = tuple[Tensor, Tensor]
+
+
+def count(batches: list[Batch]) -> int:
+    """Number of examples in ``batches``."""
+    return sum(len(x) for x, _ in batches)
 
 BACKENDS = ("autograd", "func")
 LossFn = Callable[[Tensor, Tensor], Tensor]
