@@ -212,3 +212,36 @@ def test_training_prints_parameters_and_a_duration_estimate():
     assert any("parameters" in ln for ln in lines)
     estimate = [ln for ln in lines if ln.startswith("about ")]
     assert len(estimate) == 1 and "for 2 epochs at this speed" in estimate[0]
+
+
+def test_every_model_command_takes_a_checked_device(tmp_path, capsys):
+    from fipurify.cli import build_parser, main
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for cmd in ("train", "evaluate", "purify", "import", "detect", "analyze", "scan", "demo"):
+        opts = {o for a in sub.choices[cmd]._actions for o in a.option_strings}
+        assert "--device" in opts, cmd
+    # an unusable device is one line, exit 2, before any compute or file
+    rc = main(["train", "--dataset", "synthetic", "--device", "tpu", "--out", str(tmp_path / "m.safetensors")])
+    assert rc == 2 and "--device must be" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    import torch
+    if not torch.cuda.is_available():
+        rc = main(["train", "--dataset", "synthetic", "--device", "cuda", "--out", str(tmp_path / "m.safetensors")])
+        assert rc == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_trained_and_purified_models_say_where_they_ran(tmp_path, monkeypatch):
+    import json
+
+    from fipurify.cli import main
+    from fipurify.io import load_model
+
+    monkeypatch.setenv("FIPURIFY_CACHE", str(tmp_path / "cache"))
+    m = tmp_path / "m.safetensors"
+    assert main(["train", "--dataset", "synthetic", "--width", "2", "--epochs", "1", "--quiet", "--device", "cpu",
+                 "--out", str(m)]) == 0
+    assert load_model(m)[1]["device"] == "cpu"
+    assert main(["purify", str(m), "--method", "ft", "--epochs", "1", "--quiet", "--clean-size", "20", "--no-eval",
+                 "--device", "cpu", "--out", str(tmp_path / "p.safetensors")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["device"] == "cpu"

@@ -526,3 +526,17 @@ def test_a_copied_or_retouched_archive_is_not_unpacked_again(tmp_path):
     assert (dest / "d" / "x.txt").stat().st_ino == marker
     other = _tar_with(tmp_path / "b.tar.gz", [(tarfile.TarInfo("d/x.txt"), b"other")])
     assert cache_mod.extract_once(other, "t") != dest  # different bytes, different folder
+
+
+def test_no_data_folder_names_each_place_it_looked_once(tmp_path, monkeypatch):
+    from fipurify.datasets.roots import resolve_root
+    from fipurify.errors import DataError
+
+    monkeypatch.delenv("FIPURIFY_DATA", raising=False)
+    monkeypatch.setattr("fipurify.datasets.roots._repo_root", lambda: tmp_path / "repo")
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")  # the working directory is the repository: one place, said once
+    with pytest.raises(DataError, match="looked in") as e:
+        resolve_root()
+    looked = str(e.value).split("looked in ")[1].split(")")[0]
+    assert looked.count("shared") == 1

@@ -43,6 +43,17 @@ def _progress(args) -> bool:
     return not getattr(args, "quiet", False)
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    from .devices import CHOICES_HELP
+    p.add_argument("--device", default="auto", help=f"where to compute: {CHOICES_HELP} (default: %(default)s)")
+
+
+def _device(args) -> str:
+    """The checked device of ``args.device`` (a one-line error for an unusable one, before any compute)."""
+    from .devices import resolve_device
+    return resolve_device(getattr(args, "device", "cpu"))
+
+
 def _add_model_args(p: argparse.ArgumentParser, what: str | None = "model") -> None:
     """The model to work on: a fipurify model file (``what``; None: no positional), or your own
     architecture + weights."""
@@ -68,6 +79,7 @@ def _add_model_args(p: argparse.ArgumentParser, what: str | None = "model") -> N
     p.add_argument("--dataset", dest="model_dataset", default=None, choices=["cifar10", "gtsrb"],
                    help="the dataset your own model was trained for, so its test set can evaluate it "
                         "(default: none)")
+    _add_device_arg(p)
 
 
 def _class_names(value: str | None) -> list[str] | None:
@@ -103,7 +115,9 @@ def _open_model(args):
     if args.model is not None and (classes or ds):
         raise FipurifyError("--classes and --dataset describe your own model (--arch/--weights); "
                             "a fipurify model file records them itself")
+    device = _device(args)
     model, meta = open_model(args.model, args.arch, args.arch_args, args.weights, classes)
+    model = model.to(device)
     if args.model is None and ds:
         meta["dataset"] = _dataset_facts(ds)
         if classes and len(classes) != meta["dataset"]["num_classes"]:
@@ -142,6 +156,7 @@ def cmd_train(args) -> int:
                       weight_decay=args.weight_decay, seed=args.seed, flip=not args.no_flip,
                       eval_every=args.eval_every, smoothness_penalty=args.smoothness_penalty).validate()
     models.canonical_name(args.arch)  # fail on a bad name before loading any data
+    device = _device(args)
     _check_out(args, args.out)
     _check_out(args, args.json, "--json")
     attack = None
@@ -159,7 +174,8 @@ def cmd_train(args) -> int:
           + (f", training-time defense: {args.defense}" if defense is not None else ""), file=sys.stderr)
     model, meta = train_backdoored(bundle, args.arch, attack, cfg, width=args.width,
                                    progress=_progress(args), log=lambda m: print(m, file=sys.stderr),
-                                   defense=defense)
+                                   defense=defense, device=device)
+    meta["device"] = device  # where it was trained
     save_model(model, args.out, meta)
     m = meta["metrics"]
     print(f"saved {args.out}: ACC {100 * m['acc']:.2f}%" + (f", ASR {100 * m['asr']:.2f}%" if m["asr"] is not None else ""))
@@ -280,7 +296,8 @@ def cmd_purify(args) -> int:
     result = purify_model(model, meta, defense, clean, test=test_data, verify=verify, progress=_progress(args),
                           callback=None if args.quiet else log)
     purified = result.model
-    report = {"model": str(args.model if args.model is not None else args.weights), **result.report}
+    report = {"model": str(args.model if args.model is not None else args.weights), **result.report,
+              "device": str(next(model.parameters()).device)}
     if args.verify:
         print(format_comparison(report["detector"]))
     if test_data is not None:
@@ -354,7 +371,8 @@ def cmd_demo(args) -> int:
     print(f"[1/3] training a width-{args.width} PreActResNet18 on {len(bundle.train)} {name} images "
           f"with the {args.attack} backdoor ({args.epochs} epochs)", file=sys.stderr)
     model, meta = train_backdoored(bundle, "preactresnet18", attack, cfg, width=args.width,
-                                   progress=_progress(args), log=lambda m: print("      " + m, file=sys.stderr))
+                                   progress=_progress(args), log=lambda m: print("      " + m, file=sys.stderr),
+                                   device=_device(args))
     clean = datasets.draw_clean_subset(bundle.reserve, min(args.clean_size, len(bundle.reserve)), args.seed)
     print(f"[2/3] purifying with {args.method} on {len(clean)} clean images from the reserve", file=sys.stderr)
     defense = defenses.create(args.method, dataset="cifar10", seed=args.seed)
@@ -380,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", default="cifar10",
                    help="dataset to train on: cifar10, gtsrb, synthetic (default: %(default)s)")
     _add_data_args(t)
+    _add_device_arg(t)
     from .models import available
     t.add_argument("--arch", default="preactresnet18",
                    help=f"architecture: {', '.join(available())} (default: %(default)s)")
@@ -471,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"],
                    help="cifar10 (falls back to synthetic when it is not found) or synthetic (default: %(default)s)")
     _add_data_args(d)
+    _add_device_arg(d)
     d.add_argument("--attack", default="blend",
                    help="blend (learned within a short run), badnets, trojan, sig (default: %(default)s)")
     d.add_argument("--poison-rate", type=float, default=0.1, help="share of eligible images poisoned (default: %(default)s)")

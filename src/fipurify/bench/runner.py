@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..devices import resolve_device
 from ..errors import ConfigError
 from . import stages
 from .adopt import adopt as adopt_models
@@ -411,17 +412,6 @@ def place(devices: list[str], busy: list[str]) -> str:
     return min(devices, key=lambda d: (busy.count(d), devices.index(d)))
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is checked and kept."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA GPU is visible")
-    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    return device
 
 
 _MAX_MISS_LINES = 3  # a folder's worth of other models should not bury the adopted ones

@@ -48,7 +48,7 @@ def resolve_root(root: str | Path | None = None) -> Path:
     for cand in candidates:
         if cand.is_dir():
             return cand.resolve()
-    looked = ", ".join(str(c.resolve()) for c in candidates)
+    looked = ", ".join(dict.fromkeys(str(c.resolve()) for c in candidates))  # each place once
     raise DataError(f"no data folder found (looked in {looked}): "
                     f"pass --data-root or set {DATA_ENV}")
 
