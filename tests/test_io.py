@@ -108,3 +108,13 @@ def test_weights_loader_reads_state_dicts_and_refuses_modules(tmp_path):
     torch.save(net, tmp_path / "whole.pt")
     with pytest.raises(ModelFileError, match=r"model\.state_dict\(\)"):
         load_weights(tmp_path / "whole.pt")
+
+
+def test_sniff_reads_a_safetensors_file_whose_header_length_starts_with_0x80(tmp_path):
+    from fipurify.models.external import sniff
+    path = tmp_path / "x.safetensors"
+    path.write_bytes((0x180).to_bytes(8, "little") + b"{" + b" " * 0x17F)  # low byte 0x80, like a pickle's first
+    assert sniff(path) == "safetensors"
+    (tmp_path / "p.pt").write_bytes(b"\x80\x02}q\x00.")  # a real pickle still is one
+    assert sniff(tmp_path / "p.pt") == "pickle"
+

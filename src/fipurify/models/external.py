@@ -168,12 +168,13 @@ def sniff(path: Path) -> str:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
-    if head[:1] == b"\x80":  # pickle protocol 2+ (legacy torch.save, plain pickle)
-        return "pickle"
+    # safetensors first: its 8-byte header length may start with 0x80 (a header of 128 + 256k bytes)
     if len(head) == 9 and head[8:9] == b"{":
         n = int.from_bytes(head[:8], "little")
         if 2 <= n <= 100_000_000:
             return "safetensors"
+    if head[:1] == b"\x80":  # pickle protocol 2+ (legacy torch.save, plain pickle)
+        return "pickle"
     return "unknown"
 
 
