@@ -344,6 +344,7 @@ def _ok_rows(db: Path) -> dict[str, tuple]:
         con.close()
 
 
+@pytest.mark.slow  # starts fipurify bench runner processes
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -460,6 +461,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # starts fipurify bench runner processes
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_killed_runner_leaves_no_worker_behind(tmp_path, sig):
@@ -562,6 +564,7 @@ def _ok_rows_once(db: Path, n: int, proc: subprocess.Popen, limit: float = 200) 
     return _ok_rows(db)
 
 
+@pytest.mark.slow  # starts fipurify bench runner processes
 def test_runners_sharing_a_database_skip_a_held_run_instead_of_waiting(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY)
     first = load_spec(tmp_path / "tiny.toml").runs()[0]  # the run a runner takes first
@@ -578,6 +581,7 @@ def test_runners_sharing_a_database_skip_a_held_run_instead_of_waiting(tmp_path)
     assert len(final) == 4 and final[first.key][6] > max(r[6] for r in others.values())  # ran once released
 
 
+@pytest.mark.slow  # starts fipurify bench runner processes
 def test_runners_sharing_a_cache_train_another_model_instead_of_waiting(tmp_path):
     """While another runner trains the first model (its lock held), a runner trains and
     purifies the second one, then trains the first itself once the lock is free."""
@@ -600,6 +604,7 @@ def test_runners_sharing_a_cache_train_another_model_instead_of_waiting(tmp_path
     assert len(final) == 4 and blocked <= set(final) and path.is_file()
 
 
+@pytest.mark.slow  # starts fipurify bench runner processes
 def test_a_model_trained_elsewhere_while_queued_is_used_not_retrained(tmp_path):
     from fipurify.bench.runner import BenchOptions, Runner, make_plan
 

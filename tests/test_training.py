@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from fipurify import attacks
+from fipurify.datasets.synthetic import synthetic
 from fipurify.errors import ConfigError, DataError
 from fipurify.metrics import evaluate
 from fipurify.training import TrainConfig, train_model
@@ -39,3 +41,41 @@ def test_bad_config_and_class_mismatch():
     m = models.create("preactresnet18", num_classes=3, width=4, input_size=16)
     with pytest.raises(DataError, match="class count mismatch"):
         train_model(m, synthetic(n=16, num_classes=4, image_size=16), TrainConfig(epochs=1), progress=False, log=None)
+
+
+@pytest.fixture(scope="module")
+def train():
+    return synthetic(n=400, num_classes=4, image_size=16, seed=0, split="train")
+
+
+# the adaptive attack (TrainConfig.smoothness_penalty)
+def test_smoothness_penalty_lowers_the_fisher_trace(train):
+    """Training with eta_F * Tr(F) ends in a flatter minimum (lower Tr(F)) than without.
+
+    A small BatchNorm-free CNN: with BatchNorm the trace measured after a 4-epoch run on
+    this data swings by 5x between seeds (it mostly reflects how confident the fit ended),
+    which hides the penalty's effect; without it the penalty lowers the trace on every
+    seed tried (0-9: ratio 0.3 to 0.7).
+    """
+    from torch import nn
+
+    from fipurify.curvature.fisher import fisher_trace
+
+    data = attacks.create("badnets", poison_rate=0.2).poison(train)
+    x = data.as_arrays()[0][:200]
+    traces = []
+    for eta in (0.0, 0.1):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(16, 4))
+        train_model(model, data, TrainConfig(epochs=4, lr=0.05, batch_size=32, augment=False,
+                                             smoothness_penalty=eta), progress=False, log=None)
+        model.eval()
+        traces.append(fisher_trace(model, x, list(model.parameters()), "exact-expected",
+                                   create_graph=False, sub_batch=200).item())
+    assert traces[1] < 0.8 * traces[0]
+    with pytest.raises(ConfigError):
+        TrainConfig(smoothness_penalty=-1).validate()
+    with pytest.raises(ConfigError):
+        TrainConfig(smoothness_interval=0).validate()

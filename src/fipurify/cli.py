@@ -405,7 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--width", type=int, default=None,
                    help="width multiplier base (preactresnet18: 64 = paper) (default: the architecture's own, "
                         "64 for preactresnet18)")
-    t.add_argument("--attack", default="badnets", help="attack name, or 'none' for a clean model (default: %(default)s)")
+    from .attacks import available as _attacks  # the help lists what the registries hold
+    from .defenses.training_time import available_training_defenses
+    t.add_argument("--attack", default="badnets", metavar="ATTACK",
+                   help="one of " + ", ".join(_attacks()) + ", or 'none' for a clean model (default: %(default)s)")
     t.add_argument("--target", type=int, default=0, help="target label of the backdoor (default: %(default)s)")
     t.add_argument("--poison-rate", type=float, default=None, help="share of eligible images poisoned (default: the attack's own, 0.1; SIG 0.8)")
     t.add_argument("--mode", default=None, choices=["all2one", "all2all"],
@@ -427,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on a seeded subset of this size (default: the whole training set)")
     t.add_argument("--eval-every", type=int, default=1, help="measure ACC/ASR every N epochs (default: %(default)s)")
     t.add_argument("--defense", default="none",
-                   help="train through a training-time defense: abl or cbd (default none); it follows its own "
+                   help="train through a training-time defense: " + " or ".join(available_training_defenses())
+                        + " (default none); it follows its own "
                         "paper schedule, so --epochs/--lr/--batch-size/--weight-decay/--schedule do not apply: "
                         "set its options with --defense-opt (e.g. isolation_epochs=, finetune_epochs=, "
                         "unlearn_epochs= for abl; epochs=, backdoor_epochs=, mi_weight= for cbd) "

@@ -18,37 +18,32 @@ import inspect
 from typing import Any
 
 from ..errors import ConfigError
+from ..registry import discover
+# Each attack module registers itself on import (import order = the order available() lists them;
+# custom comes first because badnets, blend and trojan import its pattern-file helpers).
+from .base import ATTACKS, Attack, BackdoorTestSet, PoisonedDataset, from_spec
 from .badnets import BadNets
-from .base import Attack, BackdoorTestSet, PoisonedDataset, from_spec
 from .blend import Blend
-from .custom import CustomAttack, load_pattern
-from .sig import SIG
-from .triggers import BlendTrigger, PatchTrigger, SinusoidalTrigger, Trigger, trigger_from_spec
 from .trojan import Trojan
+from .sig import SIG
+from .custom import CustomAttack, load_pattern
+from .triggers import BlendTrigger, PatchTrigger, SinusoidalTrigger, Trigger, trigger_from_spec
+# Generator-based attacks (their trigger is trained by attack.prepare; see attacks.generative).
 from .dynamic import Dynamic
-from .fba import FBA
-from .issba import ISSBA
 from .lira import LIRA
-from .bppa import BPPA
+from .issba import ISSBA
+from .fba import FBA
+# Warping, mixing, clean-label adversarial, quantisation and combined attacks.
+from .wanet import WaNet
 from .cba import CBA
 from .clb import CLB
+from .bppa import BPPA
 from .combined import Combined
-from .wanet import WaNet
 
-#: Canonical name -> attack class.
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blend, Trojan, SIG, CustomAttack)}
+discover(__name__)  # any other attack module registers itself too
 
-#: Alias -> (canonical name, arguments the alias fixes).
-ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "blended": ("blend", {}),
-    "troj-one": ("trojan", {"mode": "all2one"}),
-    "troj-all": ("trojan", {"mode": "all2all"}),
-}
-# Generator-based attacks (their trigger is trained by attack.prepare; see attacks.generative).
-ATTACKS.update({cls.name: cls for cls in (Dynamic, LIRA, ISSBA, FBA)})
-ALIASES.update({"dyn-one": ("dynamic", {"mode": "all2one"}), "dyn-all": ("dynamic", {"mode": "all2all"})})
-# Warping, mixing, clean-label adversarial, quantisation and combined attacks (issue 5, part C).
-ATTACKS.update({cls.name: cls for cls in (WaNet, CBA, CLB, BPPA, Combined)})
+#: Alias -> (canonical name, arguments the alias fixes): a live view of ``ATTACKS.aliases``.
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = ATTACKS.aliases
 
 
 def available() -> list[str]:
@@ -63,16 +58,7 @@ def create(name: str, target: int = 0, poison_rate: float | None = None, **kwarg
     and attack-specific ones such as ``alpha`` or ``pattern``); unknown ones raise
     ConfigError.
     """
-    key = str(name).strip().lower().replace("_", "-")
-    fixed: dict[str, Any] = {}
-    if key in ALIASES:
-        key, fixed = ALIASES[key]
-    if key not in ATTACKS:
-        raise ConfigError(f"unknown attack {name!r}; available: {', '.join(available())}")
-    for k, v in fixed.items():
-        if k in kwargs and kwargs[k] != v:
-            raise ConfigError(f"attack {name!r} means {k}={v!r}; it cannot be combined with {k}={kwargs[k]!r}")
-    kwargs.update(fixed)
+    key, kwargs = ATTACKS.merged_options(name, kwargs)
     cls = ATTACKS[key]
     params = inspect.signature(cls.__init__).parameters
     unknown = sorted(set(kwargs) - set(params))

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .base import Attack
+from .base import ATTACKS, Attack
 from .custom import load_pattern, serialise_source
 from .triggers import PatchTrigger, Position
 
@@ -50,3 +50,6 @@ class BadNets(Attack):
     def _spec_args(self) -> dict:
         return {"patch_size": self.patch_size, "position": self.position, "margin": self.margin,
                 "pattern": self.pattern_source}
+
+
+ATTACKS.register(BadNets.name, BadNets)

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from ..registry import Registry
 from .triggers import Trigger, trigger_from_spec
 
 MODES = ("all2one", "all2all")
@@ -376,6 +377,11 @@ class Attack:
                 f"mode={self.mode!r}, seed={self.seed}{', ' + extra if extra else ''})")
 
 
+#: Attacks by name: each attack module registers its class (``ATTACKS.register(BadNets.name, BadNets)``)
+#: and its aliases (``ATTACKS.alias("troj-one", "trojan", mode="all2one")``).
+ATTACKS = Registry("attack", normalize=lambda name: str(name).strip().lower().replace("_", "-"))
+
+
 def _json_roundtrip(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
@@ -386,8 +392,6 @@ def from_spec(spec: dict) -> Attack:
     The attack is rebuilt from its arguments; the stored ``trigger`` entry must then match
     the rebuilt trigger, which catches specs written by an incompatible version.
     """
-    from . import ATTACKS  # the registry lives in the package; imported late to avoid a cycle
-
     if not isinstance(spec, dict) or "name" not in spec:
         raise ConfigError("not an attack spec: a dict with a 'name' entry is expected")
     name = spec["name"]
@@ -404,5 +408,5 @@ def from_spec(spec: dict) -> Attack:
     return attack
 
 
-__all__ = ["Attack", "PoisonedDataset", "BackdoorTestSet", "from_spec", "dataset_labels",
+__all__ = ["ATTACKS", "Attack", "PoisonedDataset", "BackdoorTestSet", "from_spec", "dataset_labels",
            "dataset_num_classes", "stack_clean", "data_digest", "choose_poisoned", "trigger_from_spec", "MODES"]

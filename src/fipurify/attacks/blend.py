@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Attack
+from .base import ATTACKS, Attack
 from .custom import load_mask, load_pattern, serialise_source
 from .triggers import BlendTrigger
 
@@ -36,3 +36,7 @@ class Blend(Attack):
     def _spec_args(self) -> dict:
         return {"alpha": self.alpha, "pattern": self.pattern_source, "pattern_seed": self.pattern_seed,
                 "mask": self.mask_source}
+
+
+ATTACKS.register(Blend.name, Blend)
+ATTACKS.alias("blended", "blend")

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .base import Attack, dataset_labels
+from .base import ATTACKS, Attack, dataset_labels
 from .rendered import (RenderedBackdoorTestSet, RenderedPoisonedDataset, choose_cover, choose_poisoned,
                        stack_clean)
 from .triggers import Trigger, _batched, register_trigger
@@ -188,3 +188,6 @@ class BPPA(Attack):
 
     def _spec_args(self) -> dict:
         return {"bits": self.trigger.bits, "dither": self.trigger.dither, "neg_ratio": self.neg_ratio}
+
+
+ATTACKS.register(BPPA.name, BPPA)

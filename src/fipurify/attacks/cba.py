@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .base import Attack, dataset_labels
+from .base import ATTACKS, Attack, dataset_labels
 from .rendered import (RenderedBackdoorTestSet, RenderedPoisonedDataset, choose_cover, choose_poisoned,
                        stack_clean)
 from .triggers import Trigger, register_trigger
@@ -209,3 +209,6 @@ class CBA(Attack):
 
     def _spec_args(self) -> dict:
         return {"mix_classes": self.mix_classes, "mix_ratio": self.mix_ratio, "jitter": self.trigger.jitter}
+
+
+ATTACKS.register(CBA.name, CBA)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelFileError
 from .badnets import checkerboard
-from .base import Attack, data_digest, dataset_labels
+from .base import ATTACKS, Attack, data_digest, dataset_labels
 from .rendered import RenderedPoisonedDataset, choose_poisoned, stack_clean
 from .triggers import PatchTrigger, Trigger, _batched, register_trigger
 
@@ -261,3 +261,6 @@ class CLB(Attack):
                 "surrogate_width": self.surrogate_width, "surrogate_epochs": self.surrogate_epochs,
                 "surrogate_lr": self.surrogate_lr, "surrogate_batch_size": self.surrogate_batch_size,
                 "surrogate": self.surrogate}
+
+
+ATTACKS.register(CLB.name, CLB)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
-from .base import Attack, dataset_labels
+from .base import ATTACKS, Attack, dataset_labels
 from .rendered import RenderedBackdoorTestSet, RenderedPoisonedDataset, Renderer
 from .triggers import Trigger, _batched
 
@@ -72,8 +72,6 @@ class Combined(Attack):
                  components: Sequence[str] = ("badnets", "blend", "trojan"),
                  component_options: dict[str, dict[str, Any]] | None = None):
         super().__init__(target, poison_rate, mode, seed, num_classes)
-        from . import ATTACKS  # the registry imports this module
-
         if isinstance(components, str) or not components:
             raise ConfigError(f"components must be a non-empty list of attack names, got {components!r}")
         names = [str(c) for c in components]
@@ -85,7 +83,7 @@ class Combined(Attack):
             raise ConfigError(f"component_options for {', '.join(unknown)}, which are not components ({names})")
         self.components: list[Attack] = []
         for name in names:
-            cls = ATTACKS.get(name)
+            cls = ATTACKS[name] if name in ATTACKS else None
             if cls is None:
                 raise ConfigError(f"unknown component attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
             if cls.clean_label or cls.poison is not Attack.poison or cls is Combined:
@@ -159,3 +157,6 @@ class Combined(Attack):
 
     def _spec_args(self) -> dict:
         return {"components": list(self.component_names), "component_options": self.component_options}
+
+
+ATTACKS.register(Combined.name, Combined)

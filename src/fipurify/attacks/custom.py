@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .base import Attack
+from .base import ATTACKS, Attack
 from .triggers import BlendTrigger, PatchTrigger, Position, _as_pattern
 
 STYLES = ("paste", "blend")
@@ -138,3 +138,6 @@ class CustomAttack(Attack):
         return {"pattern": self.pattern_source, "mask": self.mask_source,
                 "position": list(pos) if pos is not None and not isinstance(pos, str) else pos,
                 "style": self.style, "alpha": self.alpha, "margin": self.margin}
+
+
+ATTACKS.register(CustomAttack.name, CustomAttack)

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import AttackError, ConfigError
-from .base import stack_clean
+from .base import ATTACKS, stack_clean
 from .generative import (ConvAutoencoder, GeneratedPoisonedDataset, GeneratorAttack, ImageSource, SmallCNN,
                          nonneg_int, real_in, rms_distance)
 
@@ -212,3 +212,7 @@ class Dynamic(GeneratorAttack):
         partner[rows] = partners
         return GeneratedPoisonedDataset(poisoned, all_rows[order], all_imgs[torch.from_numpy(order)], flag, partner)
 
+
+ATTACKS.register(Dynamic.name, Dynamic)
+ATTACKS.alias("dyn-one", "dynamic", mode="all2one")
+ATTACKS.alias("dyn-all", "dynamic", mode="all2all")

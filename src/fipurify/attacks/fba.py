@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .base import ATTACKS
 from .custom import load_pattern, serialise_source
 from .generative import ConvAutoencoder, GeneratorAttack, ImageSource, real_in
 from .triggers import _resize, match_channels
@@ -142,3 +143,6 @@ class FBA(GeneratorAttack):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+
+
+ATTACKS.register(FBA.name, FBA)

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from .base import ATTACKS
 from .generative import ConvAutoencoder, GeneratorAttack, ImageSource, SmallCNN, positive_int, real_in
 
 _CODE_MAP = (4, 4, 4)  # channels x height x width of the code map before upsampling
@@ -135,3 +136,6 @@ class ISSBA(GeneratorAttack):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+
+
+ATTACKS.register(ISSBA.name, ISSBA)

@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .base import ATTACKS
 from .generative import ConvAutoencoder, GeneratorAttack, ImageSource, SmallCNN, real_in
 
 
@@ -97,3 +98,6 @@ class LIRA(GeneratorAttack):
                 opt_c.zero_grad(set_to_none=True)
                 loss_c.backward()
                 opt_c.step()
+
+
+ATTACKS.register(LIRA.name, LIRA)

@@ -1,7 +1,7 @@
 """SIG (Barni et al. 2019): a clean-label attack with a sinusoidal signal."""
 from __future__ import annotations
 
-from .base import Attack
+from .base import ATTACKS, Attack
 from .triggers import SinusoidalTrigger
 
 
@@ -30,3 +30,6 @@ class SIG(Attack):
     def _spec_args(self) -> dict:
         t = self.trigger
         return {"delta": t.delta, "freq": t.freq, "style": t.style, "alpha": t.alpha}
+
+
+ATTACKS.register(SIG.name, SIG)

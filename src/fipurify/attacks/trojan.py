@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .base import Attack
+from .base import ATTACKS, Attack
 from .custom import load_mask, load_pattern, serialise_source
 from .triggers import PatchTrigger, Position
 
@@ -57,3 +57,8 @@ class Trojan(Attack):
         return {"pattern": self.pattern_source, "mask": self.mask_source,
                 "pattern_seed": self.pattern_seed, "size": self.size, "position": self.position,
                 "margin": self.margin}
+
+
+ATTACKS.register(Trojan.name, Trojan)
+ATTACKS.alias("troj-one", "trojan", mode="all2one")
+ATTACKS.alias("troj-all", "trojan", mode="all2all")

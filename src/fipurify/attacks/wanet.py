@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
-from .base import Attack, dataset_labels
+from .base import ATTACKS, Attack, dataset_labels
 from .rendered import RenderedPoisonedDataset, choose_cover, choose_poisoned
 from .triggers import Trigger, _batched, register_trigger
 
@@ -172,3 +172,6 @@ class WaNet(Attack):
         t = self.trigger
         return {"k": t.k, "s": t.s, "grid_rescale": t.grid_rescale, "cross_ratio": self.cross_ratio,
                 "field_seed": t.field_seed}
+
+
+ATTACKS.register(WaNet.name, WaNet)

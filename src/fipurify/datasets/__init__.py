@@ -6,12 +6,10 @@ and decoded arrays are cached under :func:`cache_dir`.
 """
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
-from .base import ArrayDataset
+from ..registry import discover
+from .base import DATASETS, ArrayDataset, DatasetInfo
 from .cifar10 import CIFAR10_CLASSES, download_cifar10, load_cifar10
 from .gtsrb import GTSRB_CLASSES, load_gtsrb
 from .imagefolder import load_imagefolder
@@ -19,41 +17,12 @@ from .roots import cache_dir, resolve_root
 from .split import draw_clean_subset, indices_digest, split_reserve
 from .synthetic import synthetic
 
-DATASETS = ("cifar10", "gtsrb", "imagefolder", "synthetic")
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Static facts about a named dataset; None where they depend on the files."""
-
-    name: str
-    num_classes: int | None
-    image_size: int | None
-    channels: int | None
-
-    def __getitem__(self, key: str):
-        # Also usable like a dict: info["num_classes"].
-        return getattr(self, key)
-
-
-_INFO = {
-    "cifar10": DatasetInfo("cifar10", len(CIFAR10_CLASSES), 32, 3),
-    "gtsrb": DatasetInfo("gtsrb", len(GTSRB_CLASSES), 32, 3),
-    "imagefolder": DatasetInfo("imagefolder", None, None, 3),
-    "synthetic": DatasetInfo("synthetic", 4, 16, 3),  # synthetic()'s defaults
-}
-
-
-def _check_name(name: str) -> str:
-    key = str(name).lower()
-    if key not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return key
+discover(__name__)  # any other dataset module registers itself too
 
 
 def dataset_info(name: str) -> DatasetInfo:
     """Number of classes, image size (pixels per side) and channels of a named dataset."""
-    return _INFO[_check_name(name)]
+    return DATASETS.entry(name).info
 
 
 def load(name: str, root: str | Path | None = None, split: str | None = "train", **kw) -> ArrayDataset:
@@ -67,29 +36,7 @@ def load(name: str, root: str | Path | None = None, split: str | None = "train",
 
     Missing data raises DataError naming what was looked for and where.
     """
-    key = _check_name(name)
-    if key == "cifar10":
-        return _call(key, load_cifar10, root, split=split, **kw)
-    if key == "gtsrb":
-        return _call(key, load_gtsrb, root, split=split, **kw)
-    if key == "imagefolder":
-        path = kw.pop("path", None)
-        folder = root if root is not None else path
-        if folder is None:
-            raise ConfigError("imagefolder needs a folder: load('imagefolder', root=PATH)")
-        return _call(key, load_imagefolder, folder, split=split, **kw)
-    return _call(key, synthetic, split=split or "train", **kw)
-
-
-def _call(name: str, fn, *args, **kw):
-    """Call a loader, turning unknown keyword options into a ConfigError."""
-    params = inspect.signature(fn).parameters
-    unknown = sorted(set(kw) - set(params))
-    if unknown:
-        accepted = [p for p in params if p not in ("root", "split")]
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for dataset {name}; "
-                          f"accepted: {', '.join(accepted)}")
-    return fn(*args, **kw)
+    return DATASETS.get(name)(root, split, **kw)
 
 
 __all__ = ["ArrayDataset", "DATASETS", "DatasetInfo", "dataset_info", "load", "synthetic",

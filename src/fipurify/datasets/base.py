@@ -1,13 +1,16 @@
 """In-memory image datasets: uint8 arrays in, float C x H x W tensors in [0, 1] out."""
 from __future__ import annotations
 
-from typing import Sequence
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from ..registry import Registry
 
 
 class ArrayDataset(Dataset):
@@ -64,3 +67,40 @@ class ArrayDataset(Dataset):
     def __repr__(self) -> str:
         return (f"ArrayDataset(name={self.name!r}, n={len(self)}, "
                 f"shape={self.image_shape}, classes={self.num_classes})")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a named dataset; None where they depend on the files."""
+
+    name: str
+    num_classes: int | None
+    image_size: int | None
+    channels: int | None
+
+    def __getitem__(self, key: str):
+        # Also usable like a dict: info["num_classes"].
+        return getattr(self, key)
+
+
+#: Datasets by name: each dataset module registers a loader ``(root, split, **options) -> ArrayDataset``
+#: with its :class:`DatasetInfo` (``DATASETS.register("gtsrb", loader, info=DatasetInfo(...))``).
+DATASETS = Registry("dataset", normalize=lambda name: str(name).lower())
+
+
+def check_options(dataset: str, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+    """ConfigError naming the keyword ``options`` that loader ``fn`` does not take."""
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        accepted = [p for p in params if p not in ("root", "split")]
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for dataset {dataset}; "
+                          f"accepted: {', '.join(accepted)}")
+
+
+def loader(dataset: str, fn: Callable[..., ArrayDataset]) -> Callable[..., ArrayDataset]:
+    """A registry loader calling ``fn(root, split=split, **options)`` after checking ``options``."""
+    def load(root: Any, split: str | None, **options: Any) -> ArrayDataset:
+        check_options(dataset, fn, options)
+        return fn(root, split=split, **options)
+    return load

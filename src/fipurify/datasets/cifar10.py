@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..io import atomic_output
-from .base import ArrayDataset
+from .base import DATASETS, ArrayDataset, DatasetInfo, loader
 from .cache import content_key, extract_once, file_digest, file_key, folder_key, load_or_build, verify_checksum
 from .imagefolder import read_image_folder
 from .roots import resolve_root
@@ -262,6 +262,9 @@ def download_cifar10(root: str | Path, timeout: float = 60.0) -> Path:
         out.flush()
         verify_checksum(out.name, CIFAR10_MD5, "md5")
     return target
+
+
+DATASETS.register("cifar10", loader("cifar10", load_cifar10), info=DatasetInfo("cifar10", len(CIFAR10_CLASSES), 32, 3))
 
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_JPEG_SHA256",

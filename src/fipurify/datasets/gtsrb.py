@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .base import ArrayDataset
+from .base import DATASETS, ArrayDataset, DatasetInfo, loader
 from .cache import content_key, extract_once, file_key, folder_key, load_or_build
 from .imagefolder import Size, parse_size, decode_images, list_images
 from .roots import resolve_root
@@ -170,6 +170,9 @@ def load_gtsrb(root: str | Path | None = None, split: str = "train", size: Size 
         build = lambda: reader(_gtsrb_in(extract_once(path, "gtsrb", GTSRB_SHA256)), size_hw)  # noqa: E731
     images, labels, classes = load_or_build(key, build, label=f"gtsrb-{split}", use_cache=cache)
     return ArrayDataset(images, labels, classes, name=f"gtsrb-{split}")
+
+
+DATASETS.register("gtsrb", loader("gtsrb", load_gtsrb), info=DatasetInfo("gtsrb", len(GTSRB_CLASSES), 32, 3))
 
 
 __all__ = ["GTSRB_CLASSES", "GTSRB_ARCHIVE", "GTSRB_SHA256", "find_gtsrb", "load_gtsrb"]

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError
-from .base import ArrayDataset
+from .base import DATASETS, ArrayDataset, DatasetInfo, check_options
 from .cache import folder_key, load_or_build
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp")
@@ -186,6 +186,17 @@ def load_imagefolder(root: str | Path, split: str | None = "train",
         key, lambda: read_image_folder(folder, classes, size_hw),
         label="imagefolder", use_cache=cache)
     return ArrayDataset(images, labels, cls, name=name or (f"{root.name}-{split}" if split else root.name))
+
+
+def _load(root: str | Path | None, split: str | None, path: str | Path | None = None, **options) -> ArrayDataset:
+    folder = root if root is not None else path
+    if folder is None:
+        raise ConfigError("imagefolder needs a folder: load('imagefolder', root=PATH)")
+    check_options("imagefolder", load_imagefolder, options)
+    return load_imagefolder(folder, split=split, **options)
+
+
+DATASETS.register("imagefolder", _load, info=DatasetInfo("imagefolder", None, None, 3))
 
 
 __all__ = ["IMAGE_SUFFIXES", "FolderScan", "scan_image_folder", "parse_size", "list_images", "decode_images", "read_image_folder", "load_imagefolder"]

@@ -5,7 +5,7 @@ import zlib
 
 import numpy as np
 
-from .base import ArrayDataset
+from .base import DATASETS, ArrayDataset, DatasetInfo, check_options
 
 
 def synthetic(n: int = 512, num_classes: int = 4, image_size: int = 16, channels: int = 3,
@@ -27,3 +27,12 @@ def synthetic(n: int = 512, num_classes: int = 4, image_size: int = 16, channels
     imgs = protos[labels] + srng.normal(0.0, noise, size=(n, image_size, image_size, channels))
     imgs = (np.clip(imgs, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     return ArrayDataset(imgs, labels, [f"class{c}" for c in range(num_classes)], name=f"synthetic-{split}")
+
+
+def _load(root, split: str | None, **options) -> ArrayDataset:
+    check_options("synthetic", synthetic, options)  # root is ignored
+    return synthetic(split=split or "train", **options)
+
+
+DATASETS.register("synthetic", _load, info=DatasetInfo("synthetic", 4, 16, 3))  # synthetic()'s defaults
+

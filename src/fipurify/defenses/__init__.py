@@ -1,5 +1,9 @@
-"""Backdoor purification methods behind one interface: ``create(name, ...).purify(model, clean_data)``."""
-from .base import Defense, DefenseConfig, as_dataset, check_clean_set
+"""Backdoor purification methods behind one interface: ``create(name, ...).purify(model, clean_data)``.
+
+Each method module registers itself in :data:`DEFENSES` (training-time ones in
+:data:`TRAINING_DEFENSES`); a new defense is one new module here.
+"""
+from .base import DEFENSES, Defense, DefenseConfig, as_dataset, check_clean_set
 from .fip import FIP, FIPConfig
 from .anp import ANP, ANPConfig
 from .clp import CLP, CLPConfig
@@ -16,10 +20,10 @@ from .ibau import IBAU, IBAUConfig
 from .rnp import RNP, RNPConfig
 from .loop import PurificationDiverged, finetune
 from .registry import METHODS, PAPER_PRESETS, available, create, preset
-from .training_time import (TrainingDefense, TrainingDefenseConfig, available_training_defenses,
+from .training_time import (TRAINING_DEFENSES, TrainingDefense, TrainingDefenseConfig, available_training_defenses,
                             create_training_defense)
 
-__all__ = ["AWM", "AWMConfig", "IBAU", "IBAUConfig", "RNP", "RNPConfig", "TrainingDefense",
+__all__ = ["DEFENSES", "TRAINING_DEFENSES", "AWM", "AWMConfig", "IBAU", "IBAUConfig", "RNP", "RNPConfig", "TrainingDefense",
            "TrainingDefenseConfig", "available_training_defenses", "create_training_defense",
            "ANP", "ANPConfig", "CLP", "CLPConfig", "FTSAM", "FTSAMConfig", "FinePruning", "FinePruningConfig",
            "MCR", "MCRConfig", "NAD", "NADConfig",

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..errors import ConfigError
 from .base import EpochCallback
 from .loop import finetune
-from .training_time import (TrainingDefense, TrainingDefenseConfig, check_count, per_sample_loss, sgd, tag)
+from .training_time import (TRAINING_DEFENSES, TrainingDefense, TrainingDefenseConfig, check_count, per_sample_loss, sgd, tag)
 
 
 @dataclass
@@ -130,3 +130,6 @@ class ABL(TrainingDefense):
             self.report["isolated_poison_precision"] = float(np.asarray(flags)[isolated].mean())
             self.report["poison_rate"] = float(np.asarray(flags).mean())
         return model.eval()
+
+
+TRAINING_DEFENSES.register("abl", ABL)

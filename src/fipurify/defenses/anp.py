@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback, Step
+from .base import DEFENSES, EpochCallback, Step
 from .baseline_common import BaselineConfig, BaselineDefense, copy_of
 from .loop import finetune, make_optimizer
 
@@ -180,3 +180,6 @@ class ANP(BaselineDefense):
                      "n_neurons": n_neurons, "threshold": cfg.threshold,
                      "mask_min": float(min(q.detach().min() for q in pert.masks)),
                      "mask_mean": float(sum(q.detach().sum() for q in pert.masks) / n_neurons)})
+
+
+DEFENSES.register("anp", ANP, **ANP.paper_schedule())

@@ -47,7 +47,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback, Step
+from .base import DEFENSES, Defense, DefenseConfig, EpochCallback, Step
 from .loop import finetune, make_optimizer
 
 
@@ -223,3 +223,6 @@ class AWM(Defense):
         return Step(purified.eval(), history, values.numel(), {"setup": setup_s, "trigger": trig_s[0]},
                     {"masked_layers": [n for n, _ in layers], "mask_mean": float(values.mean()),
                      "mask_below_half": float((values < 0.5).float().mean()), "trigger_l1": trig_l1})
+
+
+DEFENSES.register("awm", AWM, **AWM.paper_schedule())

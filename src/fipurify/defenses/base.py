@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
+from ..registry import Registry
 from ..validation import as_dataset, check_optimisation
 from .split import holdout_split
 
@@ -251,3 +252,12 @@ def check_clean_set(dataset: Dataset, minimum: int, model: nn.Module | None = No
         raise DataError(f"class count mismatch: the model predicts {n_model} classes but the clean set has {n_data}")
     if not 0 <= int(y) < n_model:
         raise DataError(f"clean label {int(y)} is out of range for a model with {n_model} classes")
+
+
+def _build(cls: type, **options: Any) -> Any:
+    return cls(cls.config_class(), **options)
+
+
+#: Purification methods: each defense module registers its class under one or more names, with the
+#: options that name presets (``DEFENSES.register("anp", ANP, **ANP.paper_schedule())``).
+DEFENSES = Registry("method", build=_build)

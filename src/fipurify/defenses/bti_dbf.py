@@ -75,7 +75,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback, Step, labelled
+from .base import DEFENSES, Defense, DefenseConfig, EpochCallback, Step, labelled
 from .loop import finetune, make_optimizer
 
 
@@ -475,3 +475,10 @@ class BTIDBF(Defense):
             correct += int((model(generator(x)).argmax(1) == y).sum())
             n += len(y)
         return correct / max(n, 1)
+
+
+DEFENSES.register("bti-dbf", BTIDBF, **BTIDBF.paper_schedule())
+# BTI-DBF(U) with path-aware minimisation, in the PAM authors' unlearning setting
+DEFENSES.register("bti-dbf-pam", BTIDBF, **{**BTIDBF.paper_schedule(), "pam": True, "pam_rho": 0.5, "optimizer": "sgd",
+                                            "lr": 0.01, "momentum": 0.1, "poison_share": 0.2,
+                                            "feature_weight": 0.0, "rounds": 3})

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import ConfigError
 from .base import EpochCallback
 from .loop import finetune
-from .training_time import TrainingDefense, TrainingDefenseConfig, check_count, sgd, tag
+from .training_time import TRAINING_DEFENSES, TrainingDefense, TrainingDefenseConfig, check_count, sgd, tag
 
 
 @dataclass
@@ -172,3 +172,6 @@ class CBD(TrainingDefense):
                          {"total": total, "setup": backdoor_s, "train": total - backdoor_s,
                           "backdoor_model": backdoor_s}, history)
         return model.eval()
+
+
+TRAINING_DEFENSES.register("cbd", CBD)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback
+from .base import DEFENSES, EpochCallback
 from .baseline_common import BaselineConfig, BaselineDefense, conv_bn_pairs, copy_of, example_input
 from .pruning import channel_tensors, zero_channels
 
@@ -104,3 +104,6 @@ class CLP(BaselineDefense):
                          [], pruned_channels=pruned, n_pruned=sum(len(v) for v in pruned.values()),
                          layers_scored=scored)
         return model.eval()
+
+
+DEFENSES.register("clp", CLP, **CLP.paper_schedule())

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
 from ..metrics import accuracy, predict
-from .base import EpochCallback, Step
+from .base import DEFENSES, EpochCallback, Step
 from .baseline_common import BaselineConfig, BaselineDefense, conv_bn_pairs, example_input, model_device
 from .loop import finetune
 from .pruning import channel_tensors, zero_channels
@@ -155,3 +155,6 @@ class FinePruning(BaselineDefense):
             return pruned, base_acc, acc
         finally:
             h.remove()
+
+
+DEFENSES.register("fp", FinePruning, **FinePruning.paper_schedule())

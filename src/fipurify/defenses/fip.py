@@ -42,9 +42,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..curvature.fisher import diag_fisher, fisher_anchor_loss, fisher_trace, snapshot
 from ..curvature.spectral import attach_spectral, fold_spectral
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback, Step
+from .base import DEFENSES, Defense, DefenseConfig, EpochCallback, Step
 from .loop import finetune, make_optimizer
-from .released import released_trace_term
+from .released import RELEASED_OBJECTIVE, RELEASED_REGIME, released_trace_term
 
 ESTIMATORS = ("sampled", "exact", "empirical")
 #: "fisher": the paper's eta_F * Tr(F); "released": the released script's noise term
@@ -191,3 +191,12 @@ def _selected(name: str, cfg: FIPConfig) -> bool:
         return False
     return not any(fnmatch.fnmatch(mod, pat) for pat in cfg.exclude)
 
+
+# Ablations are configurations, not forks.
+DEFENSES.register("ffip", FIP, space="spectral")
+DEFENSES.register("fip", FIP, space="weights")
+DEFENSES.register("ffip-no-trf", FIP, space="spectral", eta_f=0.0)
+DEFENSES.register("ffip-no-lr", FIP, space="spectral", eta_r=0.0)
+DEFENSES.register("ft", FIP, space="weights", eta_f=0.0, eta_r=0.0)
+# the authors' released script: its noise term in its regime (fipurify.defenses.released)
+DEFENSES.register("fip-released", FIP, **{**RELEASED_OBJECTIVE, **RELEASED_REGIME})

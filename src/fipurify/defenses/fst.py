@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback, Step
+from .base import DEFENSES, EpochCallback, Step
 from .baseline_common import BaselineConfig, BaselineDefense, model_device
 from .loop import finetune, make_optimizer
 
@@ -128,3 +128,6 @@ class FST(BaselineDefense):
         return Step(model.eval(), history, sum(p.numel() for p in params), {"setup": setup_s},
                     {"head": head_name, "head_norm": float(norm0), "head_cosine_init": cos_init,
                      "head_cosine": [r["head_cosine"] for r in history]})
+
+
+DEFENSES.register("fst", FST, **FST.paper_schedule())

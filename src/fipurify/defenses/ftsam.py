@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback, Step
+from .base import DEFENSES, EpochCallback, Step
 from .baseline_common import BaselineConfig, BaselineDefense
 from .loop import finetune, make_optimizer
 from .sam import SAM
@@ -99,3 +99,13 @@ class FTSAM(BaselineDefense):
         history = finetune(model, params, train_set, cfg, holdout=holdout, optimizer=base, step_fn=sam_step,
                            scheduler=self.scheduler(), progress=progress, callback=callback, desc=self.name)
         return Step(model.eval(), history, sum(p.numel() for p in params), {"setup": setup_s})
+
+
+# baselines keep their own papers' schedules (a dataset preset holds FIP's)
+DEFENSES.register("ft-sam", FTSAM, **FTSAM.paper_schedule())
+# FT-SAM as BackdoorBench runs it (defense/ft-sam.py, config/defense/ft-sam/cifar10.yaml, with 5% clean data
+# there); "ft-sam" is the FIP paper's A.3.3 setting
+DEFENSES.register("ft-sam-bb", FTSAM, **{**FTSAM.paper_schedule(), "epochs": 100, "lr": 0.01, "momentum": 0.9,
+                                         "weight_decay": 5e-4, "batch_size": 256, "schedule": "cosine",
+                                         "milestones": (), "rho": 2.0, "adaptive": True, "label_smoothing": 0.1,
+                                         "augment": True, "flip": True})

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback, Step
+from .base import DEFENSES, Defense, DefenseConfig, EpochCallback, Step
 from .loop import finetune, make_optimizer
 
 
@@ -175,3 +175,6 @@ class IBAU(Defense):
         self.perturbation = delta.detach().cpu()
         return Step(model.eval(), history, sum(p.numel() for p in params),
                     {"setup": 0.0, "perturbation": pert_s[0]}, {"perturbation_norms": norms})
+
+
+DEFENSES.register("i-bau", IBAU, **IBAU.paper_schedule())

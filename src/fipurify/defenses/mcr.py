@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from ..metrics import accuracy, predict
-from .base import EpochCallback, Step, labelled
+from .base import DEFENSES, EpochCallback, Step, labelled
 from .baseline_common import BaselineConfig, BaselineDefense, copy_of, recompute_bn_stats
 from .loop import finetune
 
@@ -144,3 +144,6 @@ class MCR(BaselineDefense):
         return Step(purified.eval(), history, sum(p.numel() for p in curve.mid),
                     {"setup": 0.0, "endpoint": endpoint_s, "select": time.perf_counter() - t0},
                     {"t": cfg.t, "holdout_acc_at_t": picked_acc, "curve_scan": scan, "bn_recomputed": bn_recomputed})
+
+
+DEFENSES.register("mcr", MCR, **MCR.paper_schedule())

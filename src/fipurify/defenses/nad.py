@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback, Step, labelled
+from .base import DEFENSES, EpochCallback, Step, labelled
 from .baseline_common import BaselineConfig, BaselineDefense, copy_of
 from .loop import finetune, make_optimizer
 
@@ -164,3 +164,6 @@ class NAD(BaselineDefense):
         history = t_hist + s_hist
         return Step(student.eval(), history, sum(p.numel() for p in s_params), {"setup": 0.0, "teacher": teacher_s},
                     {"layers": layers, "betas": list(cfg.betas)})
+
+
+DEFENSES.register("nad", NAD, **NAD.paper_schedule())

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback, Step
+from .base import DEFENSES, EpochCallback, Step
 from .baseline_common import BaselineConfig, BaselineDefense
 from .loop import finetune, make_optimizer
 from .rnp import batchnorm_layers
@@ -180,3 +180,6 @@ class NFT(BaselineDefense):
                                                     for mk, low in zip(masks, bounds))),
                      "per_layer_mask_mean": {name: float(mk.mean()) for name, mk in self.masks.items()},
                      "mixup_lambda_mean": float(sum(lams) / max(len(lams), 1)), "images_per_class": per_class})
+
+
+DEFENSES.register("nft", NFT, **NFT.paper_schedule())

@@ -1,25 +1,18 @@
-"""Named purification methods and their per-dataset presets."""
+"""Named purification methods and their per-dataset presets.
+
+Each defense module registers its class under its names in :data:`DEFENSES`
+(``DEFENSES.register("anp", ANP, **ANP.paper_schedule())`` at the end of ``anp.py``);
+this module imports every module of the package (:func:`fipurify.registry.discover`),
+so a new defense is one new file.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 from ..errors import ConfigError
-from .base import Defense
+from ..registry import discover
+from .base import DEFENSES, Defense
 from .fip import FIP
-from .released import RELEASED_OBJECTIVE, RELEASED_REGIME
-from .awm import AWM
-from .ibau import IBAU
-from .rnp import RNP
-from .anp import ANP
-from .clp import CLP
-from .fineprune import FinePruning
-from .ftsam import FTSAM
-from .mcr import MCR
-from .nad import NAD
-from .sau import SAU
-from .fst import FST
-from .bti_dbf import BTIDBF
-from .nft import NFT
 
 # The paper's per-dataset FIP settings (appendix A.3.2): clean-set share, epochs, schedule.
 PAPER_PRESETS: dict[str, dict[str, Any]] = {
@@ -30,38 +23,10 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
     "imagenet": {"epochs": 2, "lr": 0.001, "milestones": (1,), "gamma": 0.995, "clean_fraction": 0.03},
 }
 
-# method name -> (class, option overrides). Ablations are configurations, not forks.
-METHODS: dict[str, tuple[type[Defense], dict[str, Any]]] = {
-    "ffip": (FIP, {"space": "spectral"}),
-    "fip": (FIP, {"space": "weights"}),
-    "ffip-no-trf": (FIP, {"space": "spectral", "eta_f": 0.0}),
-    "ffip-no-lr": (FIP, {"space": "spectral", "eta_r": 0.0}),
-    "ft": (FIP, {"space": "weights", "eta_f": 0.0, "eta_r": 0.0}),
-    # the authors' released script: its noise term in its regime (fipurify.defenses.released)
-    "fip-released": (FIP, {**RELEASED_OBJECTIVE, **RELEASED_REGIME}),
-    "i-bau": (IBAU, IBAU.paper_schedule()),
-    "awm": (AWM, AWM.paper_schedule()),
-    "rnp": (RNP, RNP.paper_schedule()),
-    # baselines keep their own papers' schedules (a dataset preset holds FIP's)
-    "ft-sam": (FTSAM, FTSAM.paper_schedule()),
-    "fp": (FinePruning, FinePruning.paper_schedule()),
-    "nad": (NAD, NAD.paper_schedule()),
-    "mcr": (MCR, MCR.paper_schedule()),
-    "clp": (CLP, CLP.paper_schedule()),
-    "anp": (ANP, ANP.paper_schedule()),
-    "sau": (SAU, SAU.paper_schedule()),
-    "fst": (FST, FST.paper_schedule()),
-    "bti-dbf": (BTIDBF, BTIDBF.paper_schedule()),
-    # BTI-DBF(U) with path-aware minimisation, in the PAM authors' unlearning setting (bti_dbf.py)
-    "bti-dbf-pam": (BTIDBF, {**BTIDBF.paper_schedule(), "pam": True, "pam_rho": 0.5, "optimizer": "sgd", "lr": 0.01,
-                             "momentum": 0.1, "poison_share": 0.2, "feature_weight": 0.0, "rounds": 3}),
-    "nft": (NFT, NFT.paper_schedule()),
-    # FT-SAM as BackdoorBench runs it (defense/ft-sam.py, config/defense/ft-sam/cifar10.yaml, with 5% clean data
-    # there); "ft-sam" is the FIP paper's A.3.3 setting
-    "ft-sam-bb": (FTSAM, {**FTSAM.paper_schedule(), "epochs": 100, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
-                          "batch_size": 256, "schedule": "cosine", "milestones": (), "rho": 2.0, "adaptive": True,
-                          "label_smoothing": 0.1, "augment": True, "flip": True}),
-}
+discover(__package__)  # every defense module registers itself on import
+
+#: method name -> (class, option presets): a live view of :data:`DEFENSES`.
+METHODS: dict[str, tuple[type[Defense], dict[str, Any]]] = DEFENSES.table
 
 
 def available() -> list[str]:
@@ -82,10 +47,8 @@ def create(method: str = "ffip", dataset: str | None = None, **options: Any) -> 
 
     ``dataset`` is validated for every method.
     """
-    key = method.lower()
-    if key not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(available())}")
-    cls, fixed = METHODS[key]
+    entry = DEFENSES.entry(method)
+    cls, fixed = entry.obj, entry.options
     merged: dict[str, Any] = {}
     if dataset is not None:
         schedule = {k: v for k, v in preset(dataset).items() if k != "clean_fraction"}

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import Defense, DefenseConfig, EpochCallback, Step, labelled
+from .base import DEFENSES, Defense, DefenseConfig, EpochCallback, Step, labelled
 from .loop import finetune
 
 
@@ -176,3 +176,6 @@ class RNP(Defense):
                      "threshold_reached": bool(n_unlearn and history[n_unlearn - 1]["train_acc"]
                                                <= cfg.clean_threshold),
                      "n_pruned": len(pruned), "pruned": pruned})
+
+
+DEFENSES.register("rnp", RNP, **RNP.paper_schedule())

@@ -60,7 +60,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import EpochCallback, Step
+from .base import DEFENSES, EpochCallback, Step
 from .baseline_common import BaselineConfig, BaselineDefense
 from .loop import finetune, make_optimizer
 
@@ -255,3 +255,6 @@ class SAU(BaselineDefense):
         return Step(model.eval(), history, sum(p.numel() for p in params), {"setup": setup_s, "pgd": pgd_s[0]},
                     {"shared_share": [r["shared_share"] for r in history],
                      "ref_fooled_share": [r["ref_fooled_share"] for r in history]})
+
+
+DEFENSES.register("sau", SAU, **SAU.paper_schedule())

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
+from ..registry import Registry
 from ..validation import check_optimisation
 from .base import Configured, DefenseConfig, EpochCallback, Options, as_dataset, labelled
 from .loop import make_optimizer
@@ -148,22 +149,20 @@ class TrainingDefense(Configured, ABC):
         return self.report
 
 
-def _registry() -> dict[str, type[TrainingDefense]]:
-    from .abl import ABL  # imported here: abl and cbd import this module
-    from .cbd import CBD
-    return {"abl": ABL, "cbd": CBD}
+def _build(cls: type, **opts: Any) -> "TrainingDefense":
+    return cls(cls.config_class(), **opts)
+
+
+#: Training-time defenses: each module registers its class (``TRAINING_DEFENSES.register("abl", ABL)``);
+#: the package imports them all (:func:`fipurify.registry.discover`).
+TRAINING_DEFENSES = Registry("training-time defense", build=_build)
 
 
 def available_training_defenses() -> list[str]:
     """Names accepted by :func:`create_training_defense`."""
-    return sorted(_registry())
+    return sorted(TRAINING_DEFENSES)
 
 
 def create_training_defense(name: str, **opts: Any) -> TrainingDefense:
     """A configured training-time defense (``abl``, ``cbd``); unknown names or options raise ConfigError."""
-    reg = _registry()
-    key = str(name).strip().lower()
-    if key not in reg:
-        raise ConfigError(f"unknown training-time defense {name!r}; choose one of {', '.join(sorted(reg))}")
-    cls = reg[key]
-    return cls(cls.config_class(), **opts)
+    return TRAINING_DEFENSES.create(name, **opts)

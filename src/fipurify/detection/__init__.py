@@ -29,13 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from .base import ClassResult, Detector, DetectorConfig, flip_rate
 from .outlier import DEFAULT_THRESHOLD, MAD_CONSTANT, anomaly_indices, most_anomalous
-from .registry import DETECTORS, available, create, register
+from .registry import DEFAULT_METHOD, DETECTORS, available, create, register
 from .report import DetectionReport, Trigger
 from . import neural_cleanse, uap  # noqa: E402,F401  (the families register themselves)
 from .neural_cleanse import NeuralCleanse, NeuralCleanseConfig
 from .uap import UAP, UAPConfig
-
-DEFAULT_METHOD = "neural-cleanse"
 
 
 def detect(model: nn.Module, clean_data: Dataset | DataLoader, method: str = DEFAULT_METHOD,

@@ -10,7 +10,7 @@ from pathlib import Path
 def register(subparsers) -> None:
     """Add ``detect`` to the ``fipurify`` command line."""
     from ..cli import _add_data_args, _add_model_args
-    from . import DEFAULT_METHOD, available
+    from .registry import DEFAULT_METHOD, available
 
     d = subparsers.add_parser("detect", help="detect a backdoor and its target class from clean data alone")
     _add_model_args(d, "model to examine")

@@ -1,20 +1,23 @@
 """Named backdoor detectors: each family module registers its class with :func:`register`."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-from ..errors import ConfigError
+from ..registry import Registry
+
+
+def _build(cls: type, **options: Any) -> Any:
+    return cls(cls.config_class(), **options)
+
+
+#: the detector ``detect`` and ``fipurify detect`` use unless told otherwise
+DEFAULT_METHOD = "neural-cleanse"
 
 #: detector name -> class (filled by the family modules as they are imported)
-DETECTORS: dict[str, type] = {}
+DETECTORS = Registry("detector", normalize=lambda name: str(name).lower().replace("_", "-"), build=_build)
 
-
-def register(name: str) -> Callable[[type], type]:
-    """Class decorator adding a detector under ``name``."""
-    def add(cls: type) -> type:
-        DETECTORS[name] = cls
-        return cls
-    return add
+#: Class decorator adding a detector under ``name``: ``@register("uap")``.
+register = DETECTORS.register
 
 
 def available() -> list[str]:
@@ -22,10 +25,6 @@ def available() -> list[str]:
     return sorted(DETECTORS)
 
 
-def create(name: str = "neural-cleanse", **options: Any):
+def create(name: str = DEFAULT_METHOD, **options: Any):
     """A configured detector; unknown names and options raise ConfigError."""
-    key = str(name).lower().replace("_", "-")
-    if key not in DETECTORS:
-        raise ConfigError(f"unknown detector {name!r}; choose one of {', '.join(available())}")
-    cls = DETECTORS[key]
-    return cls(cls.config_class(), **options)
+    return DETECTORS.create(name, **options)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .normalize import make_normalize
+from .registry import MODELS
 
 
 class PreActBlock(nn.Module):
@@ -86,3 +87,6 @@ class PreActResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+MODELS.register("preactresnet18", PreActResNet18)

@@ -15,40 +15,26 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import Registry
 from .normalize import generic_stats
-from .preact_resnet import PreActResNet18
-from .resnet import ResNet18
-from .vgg import VGG
-from .vit import ViT
-from .wideresnet import WideResNet
 
-_BUILDERS: dict[str, type[nn.Module]] = {
-    "preactresnet18": PreActResNet18,
-    "resnet18": ResNet18,
-    "wideresnet16_1": WideResNet,
-    "vgg11": VGG,
-    "vit_small": ViT,
-}
-_ALIASES = {"vgg": "vgg11", "vit": "vit_small"}
+#: Architectures by canonical name: each model module registers its class
+#: (``MODELS.register("vgg11", VGG)``, ``MODELS.alias("vgg", "vgg11")``).
+MODELS = Registry("model")
 # Arguments every builder takes and create() handles itself.
 _COMMON = ("num_classes", "in_channels", "input_size", "mean", "std")
 
 
 def available() -> list[str]:
     """Canonical names accepted by :func:`create` (aliases not listed)."""
-    return sorted(_BUILDERS)
+    return sorted(MODELS)
 
 
 def canonical_name(name: str) -> str:
     """The canonical architecture name for ``name`` or an alias; :class:`ConfigError` if unknown."""
     if not isinstance(name, str):
         raise ConfigError(f"model name must be a string, got {name!r}")
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in _BUILDERS:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(available())} "
-                          f"(aliases: {', '.join(f'{a}={c}' for a, c in sorted(_ALIASES.items()))})")
-    return key
+    return MODELS.resolve(name)[0]
 
 
 def _positive_int(arch: str, key: str, value: Any) -> int:
@@ -99,7 +85,7 @@ def create(name: str, num_classes: int = 10, in_channels: int = 3, input_size: i
     The model gets a ``fipurify_spec`` attribute from which this call can be repeated.
     """
     arch = canonical_name(name)
-    cls = _BUILDERS[arch]
+    cls = MODELS[arch]
     params = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
               if k != "self" and k not in _COMMON}
     unknown = sorted(set(kwargs) - set(params))

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .normalize import make_normalize
+from .registry import MODELS
 
 
 class BasicBlock(nn.Module):
@@ -78,3 +79,6 @@ class ResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+MODELS.register("resnet18", ResNet18)

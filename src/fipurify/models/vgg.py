@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .normalize import make_normalize
+from .registry import MODELS
 
 # Channel multipliers of VGG-11 ("A" configuration) relative to the first layer; "M" is a max-pool.
 _VGG11 = (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M")
@@ -61,3 +62,7 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+MODELS.register("vgg11", VGG)
+MODELS.alias("vgg", "vgg11")

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from .normalize import make_normalize
+from .registry import MODELS
 
 
 class Attention(nn.Module):
@@ -127,3 +128,7 @@ class ViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+MODELS.register("vit_small", ViT)
+MODELS.alias("vit", "vit_small")

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .normalize import make_normalize
+from .registry import MODELS
 from .preact_resnet import PreActBlock
 
 
@@ -69,3 +70,6 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+MODELS.register("wideresnet16_1", WideResNet)

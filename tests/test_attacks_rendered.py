@@ -1,4 +1,5 @@
-"""WaNet, CBA, CLB, BPPA, the combined attack, high poison rates and the adaptive (smoothness) attack."""
+"""The rendered-trigger attacks (attacks.rendered): WaNet, CBA, CLB, BPPA and the combined attack,
+high poison rates, CIFAR/GTSRB shapes and fipurify train with each."""
 import json
 
 import numpy as np
@@ -17,7 +18,10 @@ from fipurify.errors import ConfigError, DataError, ModelFileError
 from fipurify.metrics import evaluate
 from fipurify.training import TrainConfig, train_model
 
+
 NEW = ("wanet", "cba", "clb", "bppa", "combined")
+
+
 # Small, fast CLB settings (the defaults train a width-16 surrogate for 10 epochs).
 CLB_FAST = {"surrogate_epochs": 1, "surrogate_width": 4, "pgd_steps": 5, "pgd_step_size": 2 / 255}
 
@@ -50,6 +54,25 @@ def roundtrip(attack):
 def base_flags(train, rate, seed=0, mode="all2one"):
     """Poison flags of the plain base-class rule (BadNets uses it unchanged)."""
     return attacks.create("badnets", poison_rate=rate, seed=seed, mode=mode).poison(train).poison_flag
+
+
+# ----------------------------------------------------------------------------- BPPA
+def _reference_dither(img: np.ndarray, levels: int) -> np.ndarray:
+    """Plain raster-order Floyd-Steinberg on one C x H x W image (level indices)."""
+    img = img.astype(np.float64).copy()
+    q = levels - 1
+    c, h, w = img.shape
+    out = np.zeros(img.shape, dtype=np.uint8)
+    for y in range(h):
+        for x in range(w):
+            old = img[:, y, x].copy()
+            lev = np.clip(np.rint(old * q), 0, q)
+            out[:, y, x] = lev
+            err = old - lev / q
+            for dy, dx, wgt in ((0, 1, 7 / 16), (1, -1, 3 / 16), (1, 0, 5 / 16), (1, 1, 1 / 16)):
+                if 0 <= y + dy < h and 0 <= x + dx < w:
+                    img[:, y + dy, x + dx] += err * wgt
+    return out
 
 
 # ----------------------------------------------------------------------------- registry / base
@@ -214,25 +237,6 @@ def test_clb_spec_references_the_surrogate_and_rebuilds_the_same_set(train, test
         bad.poison(train)
 
 
-# ----------------------------------------------------------------------------- BPPA
-def _reference_dither(img: np.ndarray, levels: int) -> np.ndarray:
-    """Plain raster-order Floyd-Steinberg on one C x H x W image (level indices)."""
-    img = img.astype(np.float64).copy()
-    q = levels - 1
-    c, h, w = img.shape
-    out = np.zeros(img.shape, dtype=np.uint8)
-    for y in range(h):
-        for x in range(w):
-            old = img[:, y, x].copy()
-            lev = np.clip(np.rint(old * q), 0, q)
-            out[:, y, x] = lev
-            err = old - lev / q
-            for dy, dx, wgt in ((0, 1, 7 / 16), (1, -1, 3 / 16), (1, 0, 5 / 16), (1, 1, 1 / 16)):
-                if 0 <= y + dy < h and 0 <= x + dx < w:
-                    img[:, y + dy, x + dx] += err * wgt
-    return out
-
-
 def test_bppa_wavefront_dithering_equals_raster_order():
     x = np.random.default_rng(0).random((2, 3, 9, 13))
     fast = quantize_levels(x, 8, dither=True)
@@ -353,39 +357,6 @@ def test_attacks_run_on_cifar_and_gtsrb_shapes(classes, size, tmp_path):
         x, _ = attack.poison(tr).as_arrays()
         xb, _ = attack.backdoor_test_set(te).as_arrays()
         assert x.shape == (len(tr), 3, size, size) and xb.shape[1:] == (3, size, size)
-
-
-# ----------------------------------------------------------------------------- adaptive attack
-def test_smoothness_penalty_lowers_the_fisher_trace(train):
-    """Training with eta_F * Tr(F) ends in a flatter minimum (lower Tr(F)) than without.
-
-    A small BatchNorm-free CNN: with BatchNorm the trace measured after a 4-epoch run on
-    this data swings by 5x between seeds (it mostly reflects how confident the fit ended),
-    which hides the penalty's effect; without it the penalty lowers the trace on every
-    seed tried (0-9: ratio 0.3 to 0.7).
-    """
-    from torch import nn
-
-    from fipurify.curvature.fisher import fisher_trace
-
-    data = attacks.create("badnets", poison_rate=0.2).poison(train)
-    x = data.as_arrays()[0][:200]
-    traces = []
-    for eta in (0.0, 0.1):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                              nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                              nn.Linear(16, 4))
-        train_model(model, data, TrainConfig(epochs=4, lr=0.05, batch_size=32, augment=False,
-                                             smoothness_penalty=eta), progress=False, log=None)
-        model.eval()
-        traces.append(fisher_trace(model, x, list(model.parameters()), "exact-expected",
-                                   create_graph=False, sub_batch=200).item())
-    assert traces[1] < 0.8 * traces[0]
-    with pytest.raises(ConfigError):
-        TrainConfig(smoothness_penalty=-1).validate()
-    with pytest.raises(ConfigError):
-        TrainConfig(smoothness_interval=0).validate()
 
 
 # ----------------------------------------------------------------------------- CLI
