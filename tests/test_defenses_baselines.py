@@ -14,14 +14,7 @@ from fipurify.defenses.baseline_common import make_scheduler
 from fipurify.defenses.training_time import create_training_defense
 from fipurify.errors import ConfigError
 
-FAST = {
-    "ft-sam": dict(epochs=2, batch_size=32),
-    "fp": dict(epochs=1, batch_size=32),
-    "nad": dict(epochs=2, teacher_epochs=1, batch_size=32),
-    "mcr": dict(epochs=2, ft_epochs=1, batch_size=32),
-    "clp": {},
-    "anp": dict(epochs=2, batch_size=32),
-}
+from baseline_settings import FAST
 
 
 @pytest.mark.parametrize("name", sorted(FAST))

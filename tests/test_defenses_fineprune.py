@@ -4,22 +4,7 @@ import torch
 from fipurify import defenses
 from fipurify.defenses.fineprune import mean_channel_activation
 from fipurify.defenses.split import holdout_split
-
-
-FAST = {
-    "ft-sam": dict(epochs=2, batch_size=32),
-    "fp": dict(epochs=1, batch_size=32),
-    "nad": dict(epochs=2, teacher_epochs=1, batch_size=32),
-    "mcr": dict(epochs=2, ft_epochs=1, batch_size=32),
-    "clp": {},
-    "anp": dict(epochs=2, batch_size=32),
-}
-
-
-def _run(name, tiny, **extra):
-    d = defenses.create(name, **{**FAST[name], **extra})
-    out = d.purify(tiny["model"], tiny["reserve"], progress=False)
-    return d, out
+from baseline_settings import run_fast as _run
 
 
 def test_fineprune_zeroes_exactly_the_least_active_channels_it_reports(tiny_backdoor):

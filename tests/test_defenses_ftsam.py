@@ -5,22 +5,7 @@ from torch import nn
 
 from fipurify import defenses
 from fipurify.defenses.sam import SAM
-
-
-FAST = {
-    "ft-sam": dict(epochs=2, batch_size=32),
-    "fp": dict(epochs=1, batch_size=32),
-    "nad": dict(epochs=2, teacher_epochs=1, batch_size=32),
-    "mcr": dict(epochs=2, ft_epochs=1, batch_size=32),
-    "clp": {},
-    "anp": dict(epochs=2, batch_size=32),
-}
-
-
-def _run(name, tiny, **extra):
-    d = defenses.create(name, **{**FAST[name], **extra})
-    out = d.purify(tiny["model"], tiny["reserve"], progress=False)
-    return d, out
+from baseline_settings import run_fast as _run
 
 
 def _toy_grads():

@@ -5,22 +5,7 @@ import torch
 
 from fipurify import defenses
 from fipurify.defenses.mcr import BezierCurve
-
-
-FAST = {
-    "ft-sam": dict(epochs=2, batch_size=32),
-    "fp": dict(epochs=1, batch_size=32),
-    "nad": dict(epochs=2, teacher_epochs=1, batch_size=32),
-    "mcr": dict(epochs=2, ft_epochs=1, batch_size=32),
-    "clp": {},
-    "anp": dict(epochs=2, batch_size=32),
-}
-
-
-def _run(name, tiny, **extra):
-    d = defenses.create(name, **{**FAST[name], **extra})
-    out = d.purify(tiny["model"], tiny["reserve"], progress=False)
-    return d, out
+from baseline_settings import run_fast as _run
 
 
 def test_bezier_curve_end_points_are_the_given_models_exactly(tiny_backdoor):

@@ -5,22 +5,7 @@ import torch
 from fipurify import defenses
 from fipurify.defenses.nad import attention_loss, attention_map
 from fipurify.errors import ConfigError
-
-
-FAST = {
-    "ft-sam": dict(epochs=2, batch_size=32),
-    "fp": dict(epochs=1, batch_size=32),
-    "nad": dict(epochs=2, teacher_epochs=1, batch_size=32),
-    "mcr": dict(epochs=2, ft_epochs=1, batch_size=32),
-    "clp": {},
-    "anp": dict(epochs=2, batch_size=32),
-}
-
-
-def _run(name, tiny, **extra):
-    d = defenses.create(name, **{**FAST[name], **extra})
-    out = d.purify(tiny["model"], tiny["reserve"], progress=False)
-    return d, out
+from baseline_settings import run_fast as _run
 
 
 def test_attention_maps_are_normalised_and_the_loss_compares_them():
