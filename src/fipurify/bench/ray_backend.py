@@ -241,20 +241,7 @@ class RayRunner(Runner):
                    disable=not self.opts.progress, file=self.out, dynamic_ncols=True)
         try:
             while train_queue or waiting or purify_queue or running:
-                for run in list(waiting):
-                    needs = [k for k, _ in _models_of(run)]
-                    bad = [failed_models[k] for k in needs if k in failed_models]
-                    if bad:
-                        waiting.remove(run)
-                        self._record(run, {}, "failed", f"training the model failed: {bad[0]}")
-                        bar.update(1)
-                    elif all(k in ready for k in needs):
-                        waiting.remove(run)
-                        if run.stage == "post":
-                            purify_queue.append(run)
-                        else:
-                            self._finish_in_parent(run, plan)
-                            bar.update(1)
+                self._release_ready(waiting, purify_queue, ready, failed_models, plan, bar)
                 while len(running) < self.opts.jobs and (train_queue or purify_queue):
                     task = self._start_next(plan, train_queue, purify_queue, ready, uses, shared, bar)
                     if task is None:  # every queued model and run is held by another runner

@@ -229,20 +229,7 @@ class Runner:
                    disable=not self.opts.progress, file=self.out, dynamic_ncols=True)
         try:
             while train_queue or waiting or purify_queue or running:
-                for run in list(waiting):
-                    needs = [k for k, _ in _models_of(run)]
-                    bad = [failed_models[k] for k in needs if k in failed_models]
-                    if bad:
-                        waiting.remove(run)
-                        self._record(run, {}, "failed", f"training the model failed: {bad[0]}")
-                        bar.update(1)
-                    elif all(k in ready for k in needs):
-                        waiting.remove(run)
-                        if run.stage == "post":
-                            purify_queue.append(run)
-                        else:
-                            self._finish_in_parent(run, plan)
-                            bar.update(1)
+                self._release_ready(waiting, purify_queue, ready, failed_models, plan, bar)
                 while len(running) < self.opts.jobs and (train_queue or purify_queue):
                     key = self._next_model(train_queue, plan, ready, bar)
                     if key is not None:
@@ -349,6 +336,25 @@ class Runner:
                 queue.remove(run)
                 return run
         return None
+
+    def _release_ready(self, waiting: list[Run], purify_queue: list[Run], ready: set[str],
+                       failed_models: dict[str, str], plan: Plan, bar) -> None:
+        """Move the waiting runs whose models are all trained to the purify queue (runs that need no
+        worker finish here); runs whose model failed to train are recorded as failed."""
+        for run in list(waiting):
+            needs = [k for k, _ in _models_of(run)]
+            bad = [failed_models[k] for k in needs if k in failed_models]
+            if bad:
+                waiting.remove(run)
+                self._record(run, {}, "failed", f"training the model failed: {bad[0]}")
+                bar.update(1)
+            elif all(k in ready for k in needs):
+                waiting.remove(run)
+                if run.stage == "post":
+                    purify_queue.append(run)
+                else:
+                    self._finish_in_parent(run, plan)
+                    bar.update(1)
 
     def _after_purify(self, run: Run, task: _Task, rc: int, bar) -> None:
         row = self.store.get(run.key)
