@@ -346,13 +346,8 @@ class RayRunner(Runner):
         run, row = runs_by_key[task.key], res["row"]
         if not self.store.record(row):  # another runner stored an ok row meanwhile
             self.counts["skipped"] += 1
-        elif row["status"] == "ok":
-            self.counts["ok"] += 1
-            asr = "-" if row["asr"] is None else f"{100 * row['asr']:.1f}"
-            bar.set_postfix_str(f"{run.label}: ACC {100 * row['acc']:.1f} ASR {asr}")
         else:
-            self.counts["failed"] += 1
-            bar.write(f"{run.label} failed: {row['error']} (log: {log})")
+            self._count_row(run, row, log, bar)
 
     def _failed(self, task: _Task, why: str, plan: Plan, failed_models: dict[str, str],
                 runs_by_key: dict[str, Run], bar) -> None:

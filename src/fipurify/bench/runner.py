@@ -362,13 +362,18 @@ class Runner:
             why = _tail(task.log) or (f"worker killed by signal {-rc}" if rc < 0 else f"worker exited with status {rc}")
             self._record(run, {}, "failed", f"{why} (log: {task.log})")
             bar.write(f"{run.label} failed: {why}")
-        elif row["status"] == "ok":
+        else:
+            self._count_row(run, row, task.log, bar)
+
+    def _count_row(self, run: Run, row: dict[str, Any], log: Path | None, bar) -> None:
+        """Count a run's stored row as ok or failed and show it on the progress bar."""
+        if row["status"] == "ok":
             self.counts["ok"] += 1
             asr = "-" if row["asr"] is None else f"{100 * row['asr']:.1f}"
             bar.set_postfix_str(f"{run.label}: ACC {100 * row['acc']:.1f} ASR {asr}")
         else:
             self.counts["failed"] += 1
-            bar.write(f"{run.label} failed: {row['error']} (log: {task.log})")
+            bar.write(f"{run.label} failed: {row['error']} (log: {log})")
 
     def _finish_in_parent(self, run: Run, plan: Plan) -> None:
         """Runs that need no worker: "none" (the model as it is) and training-time defenses."""
