@@ -1,0 +1,211 @@
+"""Detect, then unlearn what was found, with the clean Fisher guarding clean knowledge.
+
+A candidate for fipurify's default purifier (issue 19; protocol in
+``docs/default-purifier-protocol.md``, record in ``docs/default-purifier-devlog.md``). It adds
+to FIP what FIP lacks, a signal that points at the backdoor, and keeps FIP's insight that the
+clean Fisher tells which weights hold clean knowledge:
+
+1. **Detect** from clean data only: :func:`fipurify.detection.detect` reverse-engineers a
+   trigger per class (Neural Cleanse by default) and flags the classes whose trigger is
+   anomalously small (median-absolute-deviation index above the detector's threshold, 2).
+2. **Unlearn**: fine-tune all weights on the clean training split; in each batch a share
+   ``stamp`` of the (augmented) images carries a recovered trigger of a flagged class, one
+   drawn at random per image, *under its true label*:
+
+   .. math::
+
+      \\min_\\theta \\; \\frac{1}{B} \\sum_i \\mathrm{CE}(f_\\theta(s_i \\odot T(x_i) + (1 - s_i) x_i), y_i)
+      + \\frac{\\eta_r}{2} \\sum_j \\bar F_j (\\theta_j - \\theta^0_j)^2
+
+   with :math:`s_i \\sim \\mathrm{Bernoulli}(\\texttt{stamp})`, :math:`T` the recovered trigger
+   and :math:`\\bar F` the diagonal clean Fisher at the backdoored weights :math:`\\theta^0`
+   (mean-normalised, so ``eta_r`` is a scale-free weight; ``eta_r = 0`` is plain trigger
+   unlearning as in Neural Cleanse's mitigation).
+3. **Verify and repeat**: the detector runs again on the unlearned model; while it still flags
+   a class and fewer than ``rounds`` rounds ran, the next round unlearns the triggers it finds
+   (added to those of earlier rounds); the loop ends as soon as nothing is flagged. With
+   ``verify`` the last round is followed by one more detection, so the report always ends
+   with the detector's verdict on the returned model (``report["rounds"][-1]``).
+
+When nothing is flagged in the first round the model is returned unchanged and the report
+says so: a clean model keeps its accuracy exactly, and a backdoor the detector misses is not
+removed (the detector's limits are this method's limits; see ``docs/detection.md``).
+Needs images (the triggers are pixel masks), so it applies to image classification only.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..curvature.fisher import diag_fisher, fisher_anchor_loss, snapshot
+from ..errors import ConfigError
+from .base import DEFENSES, Defense, DefenseConfig, EpochCallback, Step, labelled
+from .loop import finetune
+
+
+@dataclass
+class TriggerUnlearnConfig(DefenseConfig):
+    """Options of :class:`TriggerUnlearn` (on top of the fine-tuning schedule).
+
+    ``stamp``: share of each batch stamped with a recovered trigger (true labels kept).
+    ``eta_r``: weight of the clean-Fisher anchor (0 = off). ``rounds``: detect-unlearn rounds
+    at most; ``verify``: run the detector once more after the last unlearning round (its
+    verdict is the report's last ``rounds`` entry). ``detector``: a :mod:`fipurify.detection` method; ``detector_options`` its
+    options (e.g. ``{"max_steps": 50}``).
+    """
+    epochs: int = 20
+    lr: float = 0.01
+    milestones: tuple[int, ...] = (15,)
+    stamp: float = 0.2
+    eta_r: float = 0.0
+    rounds: int = 2
+    verify: bool = True
+    detector: str = "neural-cleanse"
+    detector_options: dict[str, Any] | None = None
+    auto_augment: bool = True
+    augment_tolerance: float = 0.05
+
+    def validate(self) -> "TriggerUnlearnConfig":
+        super().validate()
+        if not 0 < self.stamp <= 1:
+            raise ConfigError(f"stamp must lie in (0, 1], got {self.stamp}")
+        if not self.eta_r >= 0:
+            raise ConfigError(f"eta_r must be >= 0, got {self.eta_r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["detector_options"] = dict(self.detector_options or {})
+        return d
+
+
+class TriggerUnlearn(Defense):
+    """Clean-data trigger recovery, then unlearning under the clean-Fisher anchor (see module doc)."""
+
+    name = "trigger-unlearn"
+    config_class = TriggerUnlearnConfig
+    config: TriggerUnlearnConfig
+
+    def _detect(self, model: nn.Module, train_set: Dataset):
+        from ..detection import detect  # detection builds on defenses.base: imported when used
+        opts = {"seed": self.config.seed, **(self.config.detector_options or {})}
+        return detect(model, train_set, method=self.config.detector, **opts)
+
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
+        cfg = self.config
+        seconds = {"detect": 0.0, "setup": 0.0}
+        history: list[dict[str, Any]] = []
+        rounds: list[dict[str, Any]] = []
+        triggers: dict[int, Any] = {}
+        params = [p for p in model.parameters() if p.requires_grad]
+        anchor = fdiag = None
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        augmentation = {"augment": cfg.augment, "flip": cfg.flip}
+        if cfg.auto_augment:
+            augmentation = augmentations_kept(model, train_set, cfg.augment_tolerance, cfg.seed)
+        schedule = cfg.updated(**{k: augmentation[k] for k in ("augment", "flip")})
+        for r in range(1, cfg.rounds + 2):
+            t0 = time.perf_counter()
+            report = self._detect(model, train_set)
+            seconds["detect"] += time.perf_counter() - t0
+            flagged = self._flagged(report)
+            rounds.append({"round": r, "backdoored": report.backdoored, "target": report.target,
+                           "score": report.score, "proxy_asr": report.proxy_asr, "flagged": flagged,
+                           "seconds": report.seconds})
+            if not flagged or r > cfg.rounds:
+                break  # nothing (left) to unlearn, or this detection was the verification
+            for c in flagged:
+                triggers[c] = report.triggers[c]
+            if cfg.eta_r > 0 and anchor is None:
+                t0 = time.perf_counter()
+                fdiag = diag_fisher(model, DataLoader(train_set, batch_size=64), params, normalize="mean")
+                anchor = snapshot(params)
+                seconds["setup"] += time.perf_counter() - t0
+            stamps = list(triggers.values())
+
+            def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int,
+                          stamps: list = stamps) -> dict[str, torch.Tensor]:
+                x = _stamp(x, stamps, cfg.stamp, gen)
+                terms = {"ce": torch.nn.functional.cross_entropy(m(x), y)}
+                if anchor is not None:
+                    terms["anchor"] = 0.5 * cfg.eta_r * fisher_anchor_loss(params, anchor, fdiag)
+                return terms
+
+            history += finetune(model, params, train_set, schedule, holdout=holdout, objective=objective,
+                                progress=progress, callback=labelled(callback, "round", str(r)),
+                                desc=f"unlearn (round {r})")
+            if r == cfg.rounds and not cfg.verify:
+                break
+        return Step(model, history, sum(p.numel() for p in params) if history else 0, seconds,
+                    {"rounds": rounds, "augmentation": augmentation, "unlearned_targets": sorted(triggers),
+                     "triggers": {c: t.summary() for c, t in triggers.items()}})
+
+    @staticmethod
+    def _flagged(report) -> list[int]:
+        """The classes whose anomaly index exceeds the detector's threshold (the verdict's
+        target first); all-to-one attacks give one, several targets give several."""
+        out = [report.target] if report.backdoored and report.target is not None else []
+        for row in report.per_class:
+            c, a = row.get("class"), row.get("anomaly_index")
+            if c is not None and a is not None and a > report.threshold and c not in out:
+                out.append(int(c))
+        return out
+
+
+@torch.no_grad()
+def augmentations_kept(model: nn.Module, data: Dataset, tolerance: float, seed: int = 0) -> dict[str, Any]:
+    """Which training augmentations the model is already invariant to, judged on clean data.
+
+    A model trained without augmentation, or on a task where a flip changes the label (traffic
+    signs), loses accuracy on augmented clean images; fine-tuning it with that augmentation
+    costs clean accuracy for nothing. The clean accuracy (eval mode) on the images as they
+    are, after a random crop (zero padding 4) and after a horizontal flip is measured; each
+    augmentation is kept if it costs at most ``tolerance`` of accuracy. Returns the decision
+    (``augment`` = crop, ``flip``) and the three accuracies.
+    """
+    from ..augment import random_crop_flip
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    hits = {"plain": 0, "crop": 0, "flip": 0}
+    n = 0
+    try:
+        for x, y in DataLoader(data, batch_size=256):
+            x, y = x.to(device), torch.as_tensor(y).to(device)
+            hits["plain"] += int((model(x).argmax(1) == y).sum())
+            hits["crop"] += int((model(random_crop_flip(x, 4, False, generator=gen)).argmax(1) == y).sum())
+            hits["flip"] += int((model(x.flip(3)).argmax(1) == y).sum())
+            n += len(y)
+    finally:
+        model.train(was)
+    acc = {k: v / max(n, 1) for k, v in hits.items()}
+    return {"augment": acc["crop"] >= acc["plain"] - tolerance, "flip": acc["flip"] >= acc["plain"] - tolerance,
+            "accuracy": acc}
+
+
+def _stamp(x: torch.Tensor, triggers: list, share: float, gen: torch.Generator) -> torch.Tensor:
+    """``x`` with a share ``share`` of its images stamped, each with a trigger drawn from ``triggers``."""
+    n = len(x)
+    chosen = torch.rand(n, generator=gen) < share
+    which = torch.randint(len(triggers), (n,), generator=gen)
+    if not bool(chosen.any()):
+        return x
+    out = x.clone()
+    for k, t in enumerate(triggers):
+        idx = torch.nonzero(chosen & (which == k)).flatten().to(x.device)
+        if len(idx):
+            out[idx] = t.apply(x[idx])
+    return out
+
+
+DEFENSES.register("trigger-unlearn", TriggerUnlearn)
+DEFENSES.register("trigger-unlearn-fisher", TriggerUnlearn, eta_r=1.0)
