@@ -508,28 +508,28 @@ def test_forget_and_rerun_drop_only_the_matching_results(fixture_db, tmp_path):
 
 def test_adopt_matches_a_generator_attack_by_its_options_not_its_trained_generator():
     """image_shape and the generator file are filled in by prepare(); the spec cannot know them."""
-    from fipurify.bench.adopt import _attack_problems
+    from fipurify.bench.adopt import attack_problems
     from fipurify.bench import stages
 
     cfg = {"name": "lira", "poison_rate": 0.1, "options": {"eps": 0.02}}
     have = stages.make_attack(cfg, 0).to_spec()
     have.update(image_shape=[3, 32, 32], num_classes=10,
                 generator={"file": "lira-0123.safetensors", "sha256": "ab" * 32})
-    assert _attack_problems(cfg, have, 0) == []
-    assert _attack_problems({**cfg, "options": {"eps": 0.05}}, have, 0) == ["attack.eps: spec 0.05, file 0.02"]
+    assert attack_problems(cfg, have, 0) == []
+    assert attack_problems({**cfg, "options": {"eps": 0.05}}, have, 0) == ["attack.eps: spec 0.05, file 0.02"]
 
 
 def test_adoption_report_lists_adopted_files_and_counts_the_misses(tmp_path):
     import io as _io
 
     from fipurify.bench.adopt import Adoption
-    from fipurify.bench.runner import _report_adoptions
+    from fipurify.bench.runner import report_adoptions
 
     got = [Adoption(tmp_path / "a.safetensors", "k", tmp_path / "cache" / "a-k.safetensors", "adopted")]
     got += [Adoption(tmp_path / f"m{i}.safetensors", None, None, "no-match", (f"seed: spec 0, file {i}",))
             for i in range(5)]
     out = _io.StringIO()
-    assert _report_adoptions(got, out) == 1
+    assert report_adoptions(got, out) == 1
     lines = out.getvalue().splitlines()
     assert lines[0].strip().startswith("adopted") and lines[0].endswith("a-k.safetensors")
     assert len(lines) == 5 and "seed: spec 0, file 2" in lines[3]
@@ -638,11 +638,11 @@ def test_a_worker_whose_run_is_held_returns_busy_and_leaves_the_log_alone(tmp_pa
 
 
 def test_report_notes_explain_only_the_columns_shown():
-    from fipurify.bench.render import _units
+    from fipurify.bench.render import units_note
 
-    assert _units(["acc", "asr"]) == "; ACC and ASR in %"
-    assert _units(["asr", "acc", "der"]) == "; ASR, ACC and DER in %"
-    assert "time = purification seconds" in _units(["time"]) and "%" not in _units(["time"])
+    assert units_note(["acc", "asr"]) == "; ACC and ASR in %"
+    assert units_note(["asr", "acc", "der"]) == "; ASR, ACC and DER in %"
+    assert "time = purification seconds" in units_note(["time"]) and "%" not in units_note(["time"])
 
 
 def test_oracle_clean_data_and_validation_accuracy_in_a_purify_run(tmp_path):

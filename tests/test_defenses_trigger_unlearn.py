@@ -57,11 +57,11 @@ def test_a_model_with_nothing_flagged_is_returned_unchanged(tiny_backdoor, monke
 
 
 def test_stamp_share_and_bad_options():
-    from fipurify.defenses.trigger_unlearn import _stamp
+    from fipurify.defenses.trigger_unlearn import stamp_triggers
     from fipurify.detection import Trigger
     t = Trigger("mask-pattern", 0, mask=torch.ones(1, 4, 4), pattern=torch.ones(3, 4, 4))
     x = torch.zeros(1000, 3, 4, 4)
-    out = _stamp(x, [t], 0.2, torch.Generator().manual_seed(0))
+    out = stamp_triggers(x, [t], 0.2, torch.Generator().manual_seed(0))
     share = (out.flatten(1).amax(1) == 1).float().mean().item()
     assert 0.15 < share < 0.25 and torch.equal(x, torch.zeros_like(x))
     with pytest.raises(ConfigError, match="stamp"):

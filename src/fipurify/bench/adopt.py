@@ -36,7 +36,7 @@ def _diff(prefix: str, want: Any, have: Any) -> list[str]:
     return [] if want == have else [f"{prefix}: spec {want!r}, file {have!r}"]
 
 
-def _attack_problems(cfg: dict[str, Any] | None, have: dict[str, Any] | None, seed: int) -> list[str]:
+def attack_problems(cfg: dict[str, Any] | None, have: dict[str, Any] | None, seed: int) -> list[str]:
     if cfg is None or have is None:
         return [] if cfg is None and have is None else [f"attack: spec {cfg and cfg['name']!r}, file {have and have.get('name')!r}"]
     try:
@@ -95,7 +95,7 @@ def problems(doc: dict[str, Any], model_cfg: dict[str, Any]) -> list[str]:
     if out:  # cheap checks first: building the attack may load cached generators
         return out
     out += _training_problems(model_cfg["training"], meta.get("train_config"), seed)
-    out += _attack_problems(model_cfg["attack"], meta.get("attack"), seed)
+    out += attack_problems(model_cfg["attack"], meta.get("attack"), seed)
     return out
 
 

@@ -93,7 +93,7 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 600 else f"{seconds:.0f} s"
 
 
-def _units(columns: list[str]) -> str:
+def units_note(columns: list[str]) -> str:
     """What the shown columns measure, e.g. "; ACC and ASR in %; time = purification seconds (...)"."""
     pct = [m.upper() if m != "val" else "Val" for m in columns if m in ("acc", "asr", "lcr", "der", "val")]
     parts = []
@@ -116,7 +116,7 @@ def _notes(t: Table) -> list[str]:
     notes = [f"Spec `{spec.name}`: {t.n_ok} of {t.n_runs} runs finished"
              + (f", {len(t.failed)} failed" if t.failed else "") + (f", {len(t.missing)} not run yet" if t.missing else "")
              + f". Generated {utc_now()}."]
-    notes.append("Mean ± sample standard deviation over seeds (n = finished seeds)" + _units(t.columns)
+    notes.append("Mean ± sample standard deviation over seeds (n = finished seeds)" + units_note(t.columns)
                  + ". Bold: best defense in the column within its group (no defense excluded).")
     c = t.compute
     if c.get("n_models") or c.get("purify_seconds"):

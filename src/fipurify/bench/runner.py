@@ -428,7 +428,7 @@ def place(devices: list[str], busy: list[str]) -> str:
 _MAX_MISS_LINES = 3  # a folder's worth of other models should not bury the adopted ones
 
 
-def _report_adoptions(results, out: TextIO) -> int:
+def report_adoptions(results, out: TextIO) -> int:
     """One line per adopted (or already cached) file, the first few misses with their closest
     differences, then a count of the rest; returns how many were copied into the cache."""
     n = 0
@@ -471,7 +471,7 @@ def run_bench(spec: Spec, opts: BenchOptions, out: TextIO = sys.stderr) -> dict[
                 print(f"forgot {store.forget(again)} stored result(s) matching --rerun", file=out)
         plan = make_plan(spec, opts, store)
         if opts.adopt:
-            if _report_adoptions(adopt_models(plan.models, opts.adopt, dry_run=opts.dry_run), out):
+            if report_adoptions(adopt_models(plan.models, opts.adopt, dry_run=opts.dry_run), out):
                 plan = make_plan(spec, opts, store)
         if opts.dry_run:
             describe(spec, plan, opts, out)

@@ -133,7 +133,7 @@ class TriggerUnlearn(Defense):
 
             def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int,
                           stamps: list = stamps) -> dict[str, torch.Tensor]:
-                x = _stamp(x, stamps, cfg.stamp, gen)
+                x = stamp_triggers(x, stamps, cfg.stamp, gen)
                 terms = {"ce": torch.nn.functional.cross_entropy(m(x), y)}
                 if anchor is not None:
                     terms["anchor"] = 0.5 * cfg.eta_r * fisher_anchor_loss(params, anchor, fdiag)
@@ -192,7 +192,7 @@ def augmentations_kept(model: nn.Module, data: Dataset, tolerance: float, seed: 
             "accuracy": acc}
 
 
-def _stamp(x: torch.Tensor, triggers: list, share: float, gen: torch.Generator) -> torch.Tensor:
+def stamp_triggers(x: torch.Tensor, triggers: list, share: float, gen: torch.Generator) -> torch.Tensor:
     """``x`` with a share ``share`` of its images stamped, each with a trigger drawn from ``triggers``."""
     n = len(x)
     chosen = torch.rand(n, generator=gen) < share
