@@ -2,6 +2,11 @@
 
 SGD with momentum and weight decay, random crop + flip augmentation applied per batch,
 a learning-rate schedule, a seed, a progress bar and per-epoch ACC / ASR.
+
+The loss, the forward pass and the augmentation are those of the training set's
+:class:`~fipurify.tasks.Task` (``task=``, else ``task_of(train_set)``: image classification,
+cross-entropy, crop with ``padding`` and ``flip``); a task that is not classification gets its
+own metric (``task.score``) on ``clean_test`` instead of ACC / ASR, and no train accuracy.
 """
 from __future__ import annotations
 
@@ -10,14 +15,13 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .augment import random_crop_flip
 from .curvature.fisher import fisher_trace
 from .errors import ConfigError, DataError
+from .tasks import Classification, Task, task_of
 from .validation import check_optimisation
 from .metrics import evaluate
 
@@ -101,7 +105,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 
 def _smoothness_term(model: nn.Module, logits: torch.Tensor, cfg: TrainConfig, step: int,
-                     generator: torch.Generator, loss: torch.Tensor) -> torch.Tensor:
+                     generator: torch.Generator, loss: torch.Tensor, task: Task | None = None) -> torch.Tensor:
     """``loss + eta_F * Tr(F)`` on the penalty steps, else ``loss`` (the adaptive attack's objective).
 
     Tr(F) is :func:`fipurify.curvature.fisher.fisher_trace`'s "sampled" estimate on this
@@ -111,14 +115,16 @@ def _smoothness_term(model: nn.Module, logits: torch.Tensor, cfg: TrainConfig, s
         return loss
     params = [p for p in model.parameters() if p.requires_grad]
     return loss + cfg.smoothness_penalty * fisher_trace(model, None, params, "sampled", logits=logits,
-                                                        generator=generator)
+                                                        generator=generator, task=task)
 
 
 def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig | None = None, *,
                 clean_test: Dataset | None = None, backdoor_test: Dataset | None = None,
                 progress: bool = True, log: Callable[[str], None] | None = print,
-                callback: Callable[..., None] | None = None) -> list[dict[str, Any]]:
+                callback: Callable[..., None] | None = None, task: Task | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place on ``train_set``; returns one record per epoch.
+
+    ``task`` is the problem (default ``task_of(train_set)``, image classification).
 
     ``callback(record)`` runs after each epoch (``callback(record, model)`` when
     ``callback.needs_model`` is true, e.g. a smoothness tracker).
@@ -129,10 +135,13 @@ def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig | None
     cfg = (config or TrainConfig()).validate()
     if len(train_set) == 0:
         raise DataError("the training set is empty")
-    n_data = getattr(train_set, "num_classes", None)
+    task = task if task is not None else task_of(train_set)
+    classification = isinstance(task, Classification)
+    n_data = getattr(train_set, "num_classes", None) if classification else None
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False,
+                        collate_fn=task.collate_fn)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     sched = make_scheduler(opt, cfg, len(loader))
@@ -150,34 +159,42 @@ def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig | None
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             if cfg.augment:
-                x = random_crop_flip(x, cfg.padding, cfg.flip, generator=gen)
-            out = model(x)
+                x = task.augment(x, gen, padding=cfg.padding, flip=cfg.flip)
+            out = task.forward(model, x, y)
             if n_data is not None and out.shape[1] != n_data:
                 raise DataError(f"class count mismatch: the model predicts {out.shape[1]} classes "
                                 f"but the dataset has {n_data}")
-            loss = F.cross_entropy(out, y)
+            loss = task.mean_loss(out, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}; lower the lr")
             opt.zero_grad(set_to_none=True)
-            _smoothness_term(model, out, cfg, step, fisher_gen, loss).backward()
+            _smoothness_term(model, out, cfg, step, fisher_gen, loss, task).backward()
             step += 1
             opt.step()
             sched.step()
             loss_sum += loss.item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
+            if classification:
+                correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
             if step == ESTIMATE_AFTER and log and cfg.epochs * len(loader) > ESTIMATE_AFTER:
                 log(duration_estimate(time.perf_counter() - t_run, step, cfg.epochs * len(loader), cfg.epochs))
-        rec: dict[str, Any] = {"epoch": epoch, "loss": loss_sum / seen, "train_acc": correct / seen,
+        rec: dict[str, Any] = {"epoch": epoch, "loss": loss_sum / seen,
+                               **({"train_acc": correct / seen} if classification else {}),
                                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         if clean_test is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            rec.update({k: v for k, v in evaluate(model, clean_test, backdoor_test).items() if k in ("acc", "asr", "lcr")})
+            if classification:
+                rec.update({k: v for k, v in evaluate(model, clean_test, backdoor_test).items()
+                            if k in ("acc", "asr", "lcr")})
+            else:
+                rec[task.metric] = task.score(model, clean_test)
         history.append(rec)
         if callback is not None:
             callback(rec, model) if getattr(callback, "needs_model", False) else callback(rec)
         if log:
-            msg = f"epoch {epoch:3d}  loss {rec['loss']:.4f}  train-acc {100 * rec['train_acc']:.2f}"
+            msg = f"epoch {epoch:3d}  loss {rec['loss']:.4f}"
+            if "train_acc" in rec:
+                msg += f"  train-acc {100 * rec['train_acc']:.2f}"
             if "acc" in rec:
                 msg += f"  ACC {100 * rec['acc']:.2f}"
             if rec.get("asr") is not None:

@@ -124,11 +124,15 @@ def choose_poisoned(attack: "Attack", labels: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _class_info(ds: Any, dataset: Any, num_classes: int, name: str | None, prefix: str) -> None:
-    """Set ``classes``, ``num_classes`` and ``name`` of a derived dataset ``ds`` wrapping ``dataset``."""
+    """Set ``classes``, ``num_classes``, ``name`` and ``task`` (when the wrapped set names one) of a
+    derived dataset ``ds`` wrapping ``dataset``."""
     classes = getattr(dataset, "classes", None)
     ds.classes = list(classes) if classes is not None else [str(c) for c in range(num_classes)]
     ds.num_classes = int(num_classes)
     ds.name = name or f"{prefix}-{getattr(dataset, 'name', 'dataset')}"
+    task = getattr(dataset, "task", None)
+    if task is not None:
+        ds.task = task
 
 
 # --------------------------------------------------------------------------- datasets

@@ -1,11 +1,15 @@
 """Fisher-information quantities used by FIP: the trace penalty Tr(F) and the diagonal anchor.
 
-Everything here works on any ``nn.Module`` that maps a batch of inputs to a batch of logits
-(``B x C``) and on a chosen set of parameters ``params``: a ``dict`` name -> tensor or a
-sequence of tensors. For FIP these are the model weights; for f-FIP they are the
-singular-value shifts ``delta`` of :mod:`fipurify.curvature.spectral`.
+Everything here works on any ``nn.Module`` that maps a batch of inputs to a batch of outputs
+and on a chosen set of parameters ``params``: a ``dict`` name -> tensor or a sequence of
+tensors. For FIP these are the model weights; for f-FIP they are the singular-value shifts
+``delta`` of :mod:`fipurify.curvature.spectral`.
 
-Notation: ``p(y|x) = softmax(model(x))_y`` and ``s_y(x) = grad_params log p(y|x)``.
+The problem is a :class:`~fipurify.tasks.Task` (argument ``task``, default classification):
+``log p(y|x) = -task.per_sample_loss(task.forward(model, x, y), y)`` and the model's own
+targets ``y ~ p(.|x)`` come from ``task.sample_targets`` (on ``task.forward(model, x, y)`` with
+the true targets when given, for models fed the target). For classification the output is ``B x C``
+logits, ``p(y|x) = softmax(model(x))_y``. Notation: ``s_y(x) = grad_params log p(y|x)``.
 
 * ``Tr(F) = E_x E_{y~p(.|x)} ||s_y(x)||^2`` (paper eq. 6 with the model's own labels) is
   estimated by :func:`fisher_trace`, always as a **per-example average** (a batch *sum*
@@ -20,12 +24,12 @@ import contextlib
 from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..errors import ConfigError, DataError
+from ..tasks import Classification, Task
 
 Params = Union[Mapping[str, Tensor], Sequence[Tensor]]
 
@@ -110,38 +114,66 @@ def _full_eval(model: nn.Module) -> Iterator[None]:
         _restore_modes(modes)
 
 
-def _check_logits(out: object) -> Tensor:
-    if not isinstance(out, Tensor) or out.dim() != 2:
+#: the task when none is given: single-label classification of any input (B x C logits)
+_CLASSIFICATION = Classification()
+
+
+def _check_logits(out: object, task: Task = _CLASSIFICATION) -> Tensor:
+    """``out`` itself; for a classification task, refuse anything but B x C logits."""
+    if not isinstance(out, Tensor) or (isinstance(task, Classification) and out.dim() != 2):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ConfigError(f"the model must return logits of shape B x C, got {shape}")
     return out
 
 
-def _sample_labels(logits: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One label per row drawn from softmax(logits), detached (no REINFORCE term)."""
-    probs = torch.softmax(logits.detach(), dim=-1)
-    device = generator.device if generator is not None else probs.device
-    y = torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1)
-    return y.to(logits.device)
+def _sample_targets(output: Tensor, generator: torch.Generator | None, task: Task) -> Tensor:
+    """Targets drawn from the model's predictive distribution, detached (no REINFORCE term):
+    for classification one label per row from ``softmax(logits)``."""
+    return task.sample_targets(output.detach(), generator)
 
 
-def _log_prob_fns(model: nn.Module, names: list[str]) -> tuple[Callable, Callable]:
-    """Functional single-example log-probabilities for ``torch.func`` transforms."""
+class _TaskOutput(nn.Module):
+    """``task.forward(model, x, y)`` as a module, so that ``functional_call`` can swap the
+    parameters of ``model`` (named ``model.<name>`` here) for a task whose model is fed the target."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.task.forward(self.model, x, y)
+
+
+def _log_prob_fns(model: nn.Module, names: list[str], task: Task = _CLASSIFICATION) -> tuple[Callable, Callable]:
+    """Functional single-example log-probabilities for ``torch.func`` transforms: ``log_probs``
+    (every class; classification only) and ``log_prob_of(p, x_i, y_i)`` = ``log p(y_i|x_i)``, for
+    classification ``log_softmax(logits)_y``, else ``-task.per_sample_loss(task.forward(x_i, y_i), y_i)``."""
 
     def log_probs(p: tuple[Tensor, ...], xi: Tensor) -> Tensor:
         out = functional_call(model, dict(zip(names, p)), (xi.unsqueeze(0),))
         return torch.log_softmax(_check_logits(out), dim=-1).squeeze(0)
 
+    if isinstance(task, Classification):
+        def log_prob_of(p: tuple[Tensor, ...], xi: Tensor, yi: Tensor) -> Tensor:
+            return log_probs(p, xi).gather(0, yi.reshape(1)).squeeze(0)  # exactly -CE(logits, y)
+        return log_probs, log_prob_of
+
+    wrapped = _TaskOutput(model, task)
+    wrapped_names = [f"model.{n}" for n in names]
+
     def log_prob_of(p: tuple[Tensor, ...], xi: Tensor, yi: Tensor) -> Tensor:
-        return log_probs(p, xi).gather(0, yi.reshape(1)).squeeze(0)
+        xb, yb = xi.unsqueeze(0), yi.unsqueeze(0)
+        out = _check_logits(functional_call(wrapped, dict(zip(wrapped_names, p)), (xb, yb)), task)
+        return -task.per_sample_loss(out, yb).squeeze(0)
 
     return log_probs, log_prob_of
 
 
 def _per_example_sq_norms(model: nn.Module, names: list[str], p: tuple[Tensor, ...],
-                          x: Tensor, y: Tensor, chunk_size: int | None) -> Tensor:
+                          x: Tensor, y: Tensor, chunk_size: int | None, task: Task = _CLASSIFICATION) -> Tensor:
     """``||grad_p log p(y_i|x_i)||^2`` for every row i (vector of length len(x))."""
-    _, log_prob_of = _log_prob_fns(model, names)
+    _, log_prob_of = _log_prob_fns(model, names, task)
     grads = vmap(grad(log_prob_of), in_dims=(None, 0, 0), randomness="different",
                  chunk_size=chunk_size)(p, x, y)
     return sum(g.pow(2).flatten(1).sum(1) for g in grads)
@@ -168,7 +200,8 @@ def _expected_sq_norms(model: nn.Module, names: list[str], p: tuple[Tensor, ...]
 def fisher_trace(model: nn.Module, x: Tensor | None, params: Params, estimator: str = "sampled",
                  create_graph: bool = True, sub_batch: int | None = None,
                  generator: torch.Generator | None = None, *, y: Tensor | None = None,
-                 logits: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+                 logits: Tensor | None = None, chunk_size: int | None = None,
+                 task: Task | None = None) -> Tensor:
     """Estimate the per-example Fisher trace ``E_x E_{y~p(.|x)} ||grad_params log p(y|x)||^2``.
 
     The result is a scalar averaged over examples. With ``create_graph=True`` it is
@@ -221,9 +254,13 @@ def fisher_trace(model: nn.Module, x: Tensor | None, params: Params, estimator: 
         create_graph: keep the graph so the result can be back-propagated.
         sub_batch: number of leading examples used by the per-example estimators.
         generator: random generator for the label draws (fixes the labels when seeded).
-        y: true labels, needed by ``"empirical"``.
-        logits: precomputed ``model(x)`` for ``"sampled"``, to share the forward pass.
+        y: true labels, needed by ``"empirical"``; also fed to ``task.forward`` (models that
+            are run with the target, e.g. teacher forcing) before targets are drawn.
+        logits: precomputed ``task.forward(model, x, y)`` (``model(x)`` for classification) for
+            ``"sampled"``, to share the forward pass.
         chunk_size: ``vmap`` chunk size for the per-example estimators (saves memory).
+        task: the problem (default: classification); ``"exact-expected"`` needs a
+            classification task (it sums over the classes).
 
     Returns:
         A scalar tensor: the estimated per-example average of the Fisher trace.
@@ -232,10 +269,14 @@ def fisher_trace(model: nn.Module, x: Tensor | None, params: Params, estimator: 
         raise ConfigError(f"unknown Fisher-trace estimator {estimator!r}; "
                           f"choose one of {', '.join(ESTIMATORS)}")
     _, tensors = _as_list(params)
+    task = task if task is not None else _CLASSIFICATION
+    if estimator == "exact-expected" and not isinstance(task, Classification):
+        raise ConfigError(f"the 'exact-expected' estimator sums over classes and needs a classification "
+                          f"task, not {task.name}; use 'exact' or 'sampled'")
     if estimator == "sampled":
         # Works inside torch.no_grad() too (e.g. to monitor the trace): it needs a gradient.
         with torch.enable_grad():
-            return _sampled_trace(model, x, tensors, create_graph, generator, logits)
+            return _sampled_trace(model, x, tensors, create_graph, generator, logits, task, y)
 
     if x is None:
         raise ConfigError(f"the {estimator!r} estimator needs the input batch x")
@@ -255,30 +296,34 @@ def fisher_trace(model: nn.Module, x: Tensor | None, params: Params, estimator: 
             if estimator == "empirical":
                 if y is None:
                     raise ConfigError("the 'empirical' estimator needs the true labels y")
-                ys = torch.as_tensor(y, device=xs.device)[:n].long()
+                ys = torch.as_tensor(y, device=xs.device)[:n]
+                ys = ys.long() if isinstance(task, Classification) else ys
             else:
+                y_fed = torch.as_tensor(y, device=xs.device)[:n] if y is not None else None
                 with torch.no_grad():
-                    ys = _sample_labels(_check_logits(model(xs)), generator)
-            per_example = _per_example_sq_norms(model, names, p, xs, ys, chunk_size)
+                    ys = _sample_targets(_check_logits(task.forward(model, xs, y_fed), task), generator, task)
+            per_example = _per_example_sq_norms(model, names, p, xs, ys, chunk_size, task)
     return per_example.mean()
 
 
 def _sampled_trace(model: nn.Module, x: Tensor | None, tensors: list[Tensor], create_graph: bool,
-                   generator: torch.Generator | None, logits: Tensor | None) -> Tensor:
-    """``B * ||grad mean CE(logits, y_hat)||^2`` with ``y_hat ~ softmax(logits)`` (see above)."""
+                   generator: torch.Generator | None, logits: Tensor | None, task: Task,
+                   y: Tensor | None = None) -> Tensor:
+    """``B * ||grad mean loss(output, y_hat)||^2`` with ``y_hat ~ p(.|x)`` (see above); for
+    classification the loss is CE and ``y_hat ~ softmax(logits)``."""
     if logits is None:
         if x is None:
             raise ConfigError("the 'sampled' estimator needs x or precomputed logits")
-        logits = model(x)
-    logits = _check_logits(logits)
+        logits = task.forward(model, x, y)
+    logits = _check_logits(logits, task)
     if len(logits) == 0:
         raise DataError("fisher_trace got an empty batch")
     if not all(t.requires_grad for t in tensors):
         raise ConfigError("the 'sampled' estimator needs params that require grad")
     if not logits.requires_grad:
         raise ConfigError("the 'sampled' estimator needs logits computed with autograd enabled")
-    y_hat = _sample_labels(logits, generator)
-    loss = F.cross_entropy(logits, y_hat)
+    y_hat = _sample_targets(logits, generator, task)
+    loss = task.mean_loss(logits, y_hat)
     grads = torch.autograd.grad(loss, tensors, create_graph=create_graph, allow_unused=True)
     sq = sum(g.pow(2).sum() for g in grads if g is not None)
     if not isinstance(sq, Tensor):  # none of params influences the logits
@@ -288,18 +333,19 @@ def _sampled_trace(model: nn.Module, x: Tensor | None, tensors: list[Tensor], cr
 
 
 # ----------------------------------------------------------------------------- diag(F_bar)
-def _batches(data: DataLoader | Dataset | Iterable, batch_size: int) -> Iterable:
-    """Yield (x, y) batches from a DataLoader, an iterable of batches, or a map Dataset."""
+def _batches(data: DataLoader | Dataset | Iterable, batch_size: int, collate_fn=None) -> Iterable:
+    """Yield (x, y) batches from a DataLoader, an iterable of batches, or a map Dataset (batched
+    with the task's ``collate_fn``)."""
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset) \
             and not isinstance(data, DataLoader):
         # A map-style dataset yields single examples; batch it ourselves.
-        return DataLoader(data, batch_size=batch_size, shuffle=False)
+        return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     return data
 
 
 def diag_fisher(model: nn.Module, data: DataLoader | Dataset | Iterable, params: Params,
                 max_examples: int | None = None, normalize: str = "none",
-                chunk_size: int = 32) -> Params:
+                chunk_size: int = 32, task: Task | None = None) -> Params:
     """Diagonal of the Fisher ``F_bar`` on labelled (clean) data, at the current weights.
 
     ``diag(F_bar)_i = mean over examples of (d log p(y|x) / d theta_i)^2`` with the *true*
@@ -320,6 +366,8 @@ def diag_fisher(model: nn.Module, data: DataLoader | Dataset | Iterable, params:
             parameter) or ``"max"`` (divide by the largest entry, so values lie in [0, 1]).
             An all-zero Fisher is returned unscaled.
         chunk_size: examples per ``vmap`` call; bounds memory at ``chunk_size * len(params)``.
+        task: the problem (default: classification); the score is the gradient of
+            ``-task.per_sample_loss``.
 
     Returns:
         The diagonal Fisher, detached, shaped like ``params``.
@@ -334,19 +382,22 @@ def diag_fisher(model: nn.Module, data: DataLoader | Dataset | Iterable, params:
     keys, tensors = _as_list(params)
     names = _model_names(model, tensors)
     p = tuple(t.detach() for t in tensors)
-    _, log_prob_of = _log_prob_fns(model, names)
+    task = task if task is not None else _CLASSIFICATION
+    _, log_prob_of = _log_prob_fns(model, names, task)
     per_example_grads = vmap(grad(log_prob_of), in_dims=(None, 0, 0))
     # Accumulate in float64: a sum of many small squares loses digits in float32.
     sums = [torch.zeros_like(t, dtype=torch.float64) for t in p]
     device = p[0].device
     seen = 0
     with _full_eval(model), torch.no_grad():
-        for batch in _batches(data, chunk_size):
+        for batch in _batches(data, chunk_size, task.collate_fn):
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise DataError("diag_fisher needs batches of (inputs, labels)")
             x, y = batch[0], batch[1]
             x = torch.as_tensor(x).to(device)
-            y = torch.as_tensor(y).to(device).long().reshape(-1)
+            y = torch.as_tensor(y).to(device)
+            if isinstance(task, Classification):
+                y = y.long().reshape(-1)
             if len(x) != len(y):
                 raise DataError(f"a batch has {len(x)} inputs but {len(y)} labels")
             if max_examples is not None:

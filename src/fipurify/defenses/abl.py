@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import ConfigError
+from ..tasks import Task
 from .base import EpochCallback
 from .loop import finetune
 from .training_time import (TRAINING_DEFENSES, TrainingDefense, TrainingDefenseConfig, check_count, per_sample_loss, sgd, tag)
@@ -75,27 +75,28 @@ class ABL(TrainingDefense):
     name = "abl"
     config_class = ABLConfig
 
-    def train(self, model: nn.Module, poisoned_train_set: Dataset | DataLoader, *,
+    def train(self, model: nn.Module, poisoned_train_set: Dataset | DataLoader, *, task: Task | str | None = None,
               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
         cfg: ABLConfig = self.config
         t_start = time.perf_counter()
-        data = self._prepare(model, poisoned_train_set)
+        data = self._prepare(model, poisoned_train_set, task)
+        task = self.task
         params = list(model.parameters())
         history: list[dict[str, Any]] = []
         seconds: dict[str, float] = {}
 
         def lga(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-            ce = F.cross_entropy(m(x), y)
+            ce = task.loss(m, x, y)
             # sign(CE - gamma) * CE: descend above gamma, ascend below it (the flood level)
             return {"lga": torch.sign(ce.detach() - cfg.lga_gamma) * ce}
 
         loop_cfg = cfg.phase(cfg.isolation_epochs)
         history += finetune(model, params, data, loop_cfg, optimizer=sgd(params, loop_cfg), progress=progress,
-                            callback=tag("isolation", callback), desc="abl: isolation", objective=lga)
+                            callback=tag("isolation", callback), desc="abl: isolation", objective=lga, task=task)
         seconds["isolation"] = time.perf_counter() - t_start
 
         t0 = time.perf_counter()
-        losses = per_sample_loss(model, data)
+        losses = per_sample_loss(model, data, task=task)
         n_iso = max(1, int(round(cfg.isolation_ratio * len(data))))
         order = torch.argsort(losses, stable=True)
         isolated = np.sort(order[:n_iso].numpy())
@@ -106,18 +107,20 @@ class ABL(TrainingDefense):
         if cfg.finetune_epochs > 0 and len(rest):
             loop_cfg = cfg.phase(cfg.finetune_epochs, milestones=cfg.finetune_milestones)
             history += finetune(model, params, Subset(data, rest.tolist()), loop_cfg, optimizer=sgd(params, loop_cfg),
-                                progress=progress, callback=tag("finetune", callback), desc="abl: training")
+                                progress=progress, callback=tag("finetune", callback), desc="abl: training",
+                                task=task)
         seconds["finetune"] = time.perf_counter() - t0
 
         def ascent(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-            return {"neg_ce": -F.cross_entropy(m(x), y)}
+            return {"neg_ce": -task.loss(m, x, y)}
 
         t0 = time.perf_counter()
         if cfg.unlearn_epochs > 0:
             loop_cfg = cfg.phase(cfg.unlearn_epochs, lr=cfg.unlearn_lr, augment=False)
             history += finetune(model, params, Subset(data, isolated.tolist()), loop_cfg,
                                 optimizer=sgd(params, loop_cfg), progress=progress,
-                                callback=tag("unlearn", callback), desc="abl: unlearning", objective=ascent)
+                                callback=tag("unlearn", callback), desc="abl: unlearning", objective=ascent,
+                                task=task)
         seconds["unlearn"] = time.perf_counter() - t0
 
         total = time.perf_counter() - t_start

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -135,6 +134,7 @@ class ANP(BaselineDefense):
         mask_opt = make_optimizer(pert.masks, cfg)
         noise_opt = torch.optim.SGD(pert.noise_w + pert.noise_b, lr=cfg.eps / cfg.steps) if cfg.eps > 0 else None
         gen = torch.Generator().manual_seed(cfg.seed + 1)
+        task = self.task
 
         def anp_step(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
             rob = torch.zeros((), device=x.device)
@@ -143,15 +143,15 @@ class ANP(BaselineDefense):
                 pert.perturb = True
                 for _ in range(cfg.steps):  # maximise the loss over the perturbation
                     noise_opt.zero_grad(set_to_none=True)
-                    (-F.cross_entropy(m(x), y)).backward()
+                    (-task.loss(m, x, y)).backward()
                     for q in pert.noise_w + pert.noise_b:  # a signed step of eps / steps, as the paper's code
                         if q.grad is not None:
                             q.grad.sign_()
                     noise_opt.step()
                     pert.clip()
-                rob = F.cross_entropy(m(x), y)
+                rob = task.loss(m, x, y)
             pert.perturb = False
-            nat = F.cross_entropy(m(x), y)
+            nat = task.loss(m, x, y)
             mask_opt.zero_grad(set_to_none=True)
             (cfg.alpha * nat + (1 - cfg.alpha) * rob).backward()
             mask_opt.step()
@@ -161,7 +161,7 @@ class ANP(BaselineDefense):
         try:
             history = finetune(work, pert.masks, train_set, cfg, holdout=holdout, optimizer=mask_opt,
                                step_fn=anp_step, scheduler=self.scheduler(), progress=progress,
-                               callback=callback, desc=self.name)
+                               callback=callback, desc=self.name, task=task)
         finally:
             pert.remove()
         t0 = time.perf_counter()

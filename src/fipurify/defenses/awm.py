@@ -118,6 +118,8 @@ class AWM(Defense):
 
     name = "awm"
     config_class = AWMConfig
+    tasks = ("image-classification",)
+    task_reason = "it recovers a pixel trigger (a C x H x W pattern and H x W mask, inputs clipped to [0, 1])"
 
     def _masked_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         kinds = (nn.Conv2d, nn.Linear) if self.config.mask_linear else (nn.Conv2d,)
@@ -193,7 +195,7 @@ class AWM(Defense):
 
         def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
             xt = triggered(x)
-            terms = {"nat": cfg.alpha * F.cross_entropy(m(x), y)}
+            terms = {"nat": cfg.alpha * self.task.loss(m, x, y)}
             if cfg.alpha < 1:
                 terms["rob"] = (1 - cfg.alpha) * F.cross_entropy(m(xt), y)
             if cfg.mask_l1 > 0:
@@ -208,7 +210,7 @@ class AWM(Defense):
         opt = make_optimizer(masks, cfg, "adam")
         history = finetune(work, masks, train_set, cfg, holdout=holdout, optimizer=opt, post_step=clip,
                            progress=progress, callback=callback, desc=self.name, objective=objective,
-                           epoch_start=recover_trigger)
+                           epoch_start=recover_trigger, task=self.task)
         for rec, l1 in zip(history, trig_l1):
             rec["trigger_l1"] = l1
 

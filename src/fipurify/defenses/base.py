@@ -9,8 +9,12 @@ per-dataset presets) and acts in one call::
 the model, seeds torch, times the run and writes the report once; a method implements
 only its own step, :meth:`Defense._purify`, which returns a :class:`Step`.
 
-``clean_data`` is any map-style ``Dataset`` of ``(image, label)`` or a ``DataLoader``
-over one. A defense never sees test data. After ``purify`` the defense holds a
+``clean_data`` is any map-style ``Dataset`` of ``(input, target)`` items or a ``DataLoader``
+over one; its :class:`~fipurify.tasks.Task` (``task=``, else ``task_of(dataset)``: image
+classification unless the dataset names another) says how to check an item, the loss, the
+valid augmentations and the metric. A method that only makes sense for some tasks names them in
+:attr:`Defense.tasks` (with :attr:`Defense.task_reason`) and refuses the others before any
+compute. A defense never sees test data. After ``purify`` the defense holds a
 ``report`` dict (config, timings, per-epoch figures) for the CLI and benchmarks.
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
+from ..tasks import TASKS, Classification, ImageClassification, Task, task_of
 from ..validation import as_dataset, check_optimisation
 from .split import holdout_split
 
@@ -112,10 +117,23 @@ class DefenseConfig(Options):
 
 class Configured:
     """Configured in the constructor: an instance of ``config_class`` (default: its defaults)
-    with option ``overrides`` applied, validated; ``report`` is filled when the method runs."""
+    with option ``overrides`` applied, validated; ``report`` is filled when the method runs.
+
+    A method acts on models of a :class:`~fipurify.tasks.Task`: the ones named in :attr:`tasks`
+    (None = any), for the reason :attr:`task_reason`; :meth:`use_task` sets :attr:`task` for a run
+    or refuses it in one line."""
 
     name: ClassVar[str] = "method"
     config_class: ClassVar[type[Options]] = Options
+    #: what the method does to a model, for the refusal ("purify", "train")
+    action: ClassVar[str] = "purify"
+    #: the tasks (registry names) this method can act on, a task class's name covering its
+    #: subclasses ("classification" covers "image-classification"); None = any task
+    tasks: ClassVar[tuple[str, ...] | None] = None
+    #: why the method is limited to :attr:`tasks` (one phrase, e.g. "it inverts a pixel trigger")
+    task_reason: ClassVar[str] = ""
+    #: the task of the current run (image classification until one is set)
+    task: Task = ImageClassification()
 
     def __init__(self, config: Options | None = None, **overrides: Any):
         cfg = config if config is not None else self.config_class()
@@ -123,6 +141,20 @@ class Configured:
             raise ConfigError(f"{self.name} takes a {self.config_class.__name__}, got {type(cfg).__name__}")
         self.config = cfg.updated(**overrides) if overrides else cfg.validate()
         self.report: dict[str, Any] = {}
+
+    def method_name(self) -> str:
+        """The name reported as ``report["method"]`` (a configuration may have its own, e.g. FIP's "ft")."""
+        return self.name
+
+    def use_task(self, source: Task | str | Any) -> Task:
+        """Set :attr:`task` from a Task, a registered task name or a dataset (its ``task_of``);
+        a ConfigError (one line) when this method cannot act on a model of that task."""
+        task = source if isinstance(source, Task) else TASKS.create(source) if isinstance(source, str) \
+            else task_of(source)
+        if not supports(type(self), task):
+            raise ConfigError(f"{self.method_name()} cannot {self.action} a {task.name} model: {self.task_reason}")
+        self.task = task
+        return task
 
 
 @dataclass
@@ -155,9 +187,12 @@ class Defense(Configured, ABC):
     config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
     config: DefenseConfig
 
-    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *,
+    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *, task: Task | str | None = None,
                progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
-        """Return a purified copy of ``model`` (the input model is left unchanged)."""
+        """Return a purified copy of ``model`` (the input model is left unchanged).
+
+        ``task`` is the problem (a Task or a registered name); default ``task_of(clean_data)``."""
+        self.use_task(task if task is not None else as_dataset(clean_data))
         self.check_model(model)
         t_start = time.perf_counter()
         train_set, holdout = self.clean_split(model, clean_data)
@@ -187,14 +222,10 @@ class Defense(Configured, ABC):
         cfg = cls.config_class()
         return {"epochs": cfg.epochs, "lr": cfg.lr, "milestones": cfg.milestones, "gamma": cfg.gamma}
 
-    def method_name(self) -> str:
-        """The name reported as ``report["method"]`` (a configuration may have its own, e.g. FIP's "ft")."""
-        return self.name
-
     def clean_split(self, model: nn.Module, clean_data: Dataset | DataLoader) -> tuple[Dataset, Dataset | None]:
         """Check the clean set against the model and split off the hold-out (clean data only)."""
         data = as_dataset(clean_data)
-        check_clean_set(data, self.config.min_clean, model)
+        check_clean_set(data, self.config.min_clean, model, self.task)
         return holdout_split(data, self.config.holdout, self.config.seed)
 
     def make_report(self, train_set: Dataset | None, holdout: Dataset | None, n_trainable: int,
@@ -222,30 +253,44 @@ def labelled(callback: EpochCallback | None, key: str, value: str) -> EpochCallb
     return cb
 
 
-def check_clean_set(dataset: Dataset, minimum: int, model: nn.Module | None = None) -> None:
-    """Refuse an empty or too small clean set, and a class-count mismatch with the model."""
+def supports(method: type, task: Task) -> bool:
+    """Whether defense class ``method`` can purify a model of ``task``: its ``tasks`` is None or
+    names the task's class or one of its bases (by registry name)."""
+    names = getattr(method, "tasks", None)
+    return names is None or any(getattr(c, "name", None) in names for c in type(task).__mro__)
+
+
+def check_clean_set(dataset: Dataset, minimum: int, model: nn.Module | None = None,
+                    task: Task | None = None) -> None:
+    """Refuse an empty or too small clean set, an item that is not one of ``task`` (default
+    ``task_of(dataset)``), a model that cannot run on one, and (classification) a class-count
+    mismatch with the model."""
+    task = task if task is not None else task_of(dataset)
+    what = "images" if task.name == "image-classification" else "items"
     n = len(dataset)
     if n == 0:
         raise DataError("the clean set is empty")
     if n < minimum:
-        raise DataError(f"the clean set has {n} images; at least {minimum} are needed "
+        raise DataError(f"the clean set has {n} {what}; at least {minimum} are needed "
                         f"(the paper uses 1% of the training set, e.g. 500 for CIFAR-10)")
     x, y = dataset[0]
-    if getattr(x, "ndim", 0) != 3:
-        raise DataError(f"clean images must be C x H x W tensors, got shape {tuple(getattr(x, 'shape', ()))}")
+    task.check_sample(x, y)
     if model is None:
         return
     p = next(model.parameters(), None)
+    device = p.device if p is not None else "cpu"
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x[None].to(p.device if p is not None else "cpu"))
+            out = task.forward(model, x[None].to(device), torch.as_tensor(y)[None].to(device))
     except RuntimeError as e:
-        raise DataError(f"the model cannot process clean images of shape {tuple(x.shape)}: "
+        raise DataError(f"the model cannot process clean {what} of shape {tuple(x.shape)}: "
                         f"{str(e).splitlines()[0]}") from None
     finally:
         model.train(was_training)
+    if not isinstance(task, Classification):
+        return
     n_model = out.shape[-1]
     n_data = getattr(dataset, "num_classes", None)
     if n_data is not None and n_data != n_model:

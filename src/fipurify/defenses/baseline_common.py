@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
+from ..tasks import Task
 from .base import Defense, DefenseConfig, as_dataset
 
 #: "multistep": MultiStepLR(milestones, gamma); "cosine": cosine annealing to 0 over the epochs;
@@ -75,9 +76,10 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def recompute_bn_stats(model: nn.Module, data: Dataset, batch_size: int = 128) -> bool:
+def recompute_bn_stats(model: nn.Module, data: Dataset, batch_size: int = 128, task: Task | None = None) -> bool:
     """Re-estimate every batch-norm layer's running statistics on ``data`` (exact averages over
-    the set, no augmentation). Returns False (and changes nothing) when there is no BN layer."""
+    the set, no augmentation; the model run as ``task.forward``, default ``model(x)``). Returns
+    False (and changes nothing) when there is no BN layer."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return False
@@ -90,8 +92,8 @@ def recompute_bn_stats(model: nn.Module, data: Dataset, batch_size: int = 128) -
         m.train()
     device = model_device(model)
     try:
-        for x, _ in DataLoader(data, batch_size=batch_size, shuffle=False):
-            model(x.to(device))
+        for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
+            task.forward(model, x.to(device), y.to(device)) if task is not None else model(x.to(device))
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom

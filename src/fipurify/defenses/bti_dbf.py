@@ -280,6 +280,8 @@ class BTIDBF(Defense):
 
     name = "bti-dbf"
     config_class = BTIDBFConfig
+    tasks = ("image-classification",)
+    task_reason = "its trigger generator is an image-to-image network (C x H x W in, C x H x W in [0, 1] out)"
 
     def method_name(self) -> str:
         return "bti-dbf-pam" if self.config.pam else self.name
@@ -331,7 +333,7 @@ class BTIDBF(Defense):
             history += finetune(holder, [holder.raw], train_set, mcfg,
                                 optimizer=torch.optim.Adam([holder.raw], lr=cfg.mask_lr), progress=progress,
                                 callback=tagged(r, "mask"), desc=f"{self.method_name()}: mask {r + 1}",
-                                objective=mask_objective)
+                                objective=mask_objective, task=self.task)
             mask = holder.mask().detach()
             seconds["mask"] += time.perf_counter() - t0
 
@@ -360,7 +362,8 @@ class BTIDBF(Defense):
             gcfg = _phase_config(cfg, cfg.gen_epochs, cfg.gen_lr, cfg.seed + 100 * r + 1)
             history += finetune(generator, list(generator.parameters()), train_set, gcfg, optimizer=opt_gen,
                                 progress=progress, callback=tagged(r, "generator"),
-                                desc=f"{self.method_name()}: generator {r + 1}", objective=gen_objective)
+                                desc=f"{self.method_name()}: generator {r + 1}", objective=gen_objective,
+                                task=self.task)
             generator.eval()
             stats = self._inversion_stats(frozen, split, generator, mask, train_set, cfg, gen)
             stats.update({k: history[-1][k] for k in ("gen_loss", "benign_feat", "backdoor_feat")})  # last epoch
@@ -419,7 +422,8 @@ class BTIDBF(Defense):
             history += finetune(work, params, train_set, ucfg, holdout=holdout, optimizer=opt_cls,
                                 progress=progress, callback=tagged(r, "unlearn"),
                                 desc=f"{self.method_name()}: unlearn {r + 1}",
-                                objective=None if cfg.pam else unlearn, step_fn=pam_step if cfg.pam else None)
+                                objective=None if cfg.pam else unlearn, step_fn=pam_step if cfg.pam else None,
+                                task=self.task)
             generator.requires_grad_(True)
             seconds["unlearn"] += time.perf_counter() - t0
 

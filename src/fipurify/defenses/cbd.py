@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
+from ..tasks import Task
 from .base import EpochCallback
 from .loop import finetune
 from .training_time import TRAINING_DEFENSES, TrainingDefense, TrainingDefenseConfig, check_count, sgd, tag
@@ -113,12 +114,14 @@ class CBD(TrainingDefense):
 
     name = "cbd"
     config_class = CBDConfig
+    tasks = ("classification",)
+    task_reason = "it weights per-sample cross-entropies of a .features -> .classifier model's logits"
 
-    def train(self, model: nn.Module, poisoned_train_set: Dataset | DataLoader, *,
+    def train(self, model: nn.Module, poisoned_train_set: Dataset | DataLoader, *, task: Task | str | None = None,
               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
         cfg: CBDConfig = self.config
         t_start = time.perf_counter()
-        data = self._prepare(model, poisoned_train_set)
+        data = self._prepare(model, poisoned_train_set, task)
         if not (hasattr(model, "features") and hasattr(model, "classifier")):
             raise ConfigError("CBD needs a model with .features and .classifier (every fipurify model has them)")
         t0 = time.perf_counter()
@@ -127,7 +130,7 @@ class CBD(TrainingDefense):
         bparams = list(backdoored.parameters())
         loop_cfg = cfg.phase(cfg.backdoor_epochs)
         history = finetune(backdoored, bparams, data, loop_cfg, optimizer=sgd(bparams, loop_cfg), progress=progress,
-                           callback=tag("backdoor", callback), desc="cbd: confounded model")
+                           callback=tag("backdoor", callback), desc="cbd: confounded model", task=self.task)
         backdoored.eval().requires_grad_(False)
         backdoor_s = time.perf_counter() - t0
 
@@ -164,7 +167,7 @@ class CBD(TrainingDefense):
         loop_cfg = cfg.phase(cfg.epochs, milestones=cfg.milestones, gamma=cfg.gamma)
         history += finetune(model, params, data, loop_cfg, optimizer=sgd(params, loop_cfg), progress=progress,
                             callback=tag("clean", callback), desc="cbd: clean model", objective=objective,
-                            epoch_start=set_critic_lr if cfg.mi_weight > 0 else None)
+                            epoch_start=set_critic_lr if cfg.mi_weight > 0 else None, task=self.task)
         for p in critic.parameters():  # the critic's gradients are not the model's business
             p.grad = None
         total = time.perf_counter() - t_start

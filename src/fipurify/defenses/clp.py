@@ -24,6 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
+from ..tasks import Task
+from ..validation import as_dataset
 from .base import DEFENSES, EpochCallback
 from .baseline_common import BaselineConfig, BaselineDefense, conv_bn_pairs, copy_of, example_input
 from .pruning import channel_tensors, zero_channels
@@ -73,10 +75,15 @@ class CLP(BaselineDefense):
 
     name = "clp"
     config_class = CLPConfig
+    tasks = ("image-classification",)
+    task_reason = "it scores Conv2d channels and finds conv -> BN pairs with a zero C x H x W image"
 
     def purify(self, model: nn.Module, clean_data: Dataset | DataLoader | None = None, *,
-               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
-        """``clean_data`` is accepted for the common interface and ignored (CLP is data-free)."""
+               task: Task | str | None = None, progress: bool = True,
+               callback: EpochCallback | None = None) -> nn.Module:
+        """``clean_data`` is accepted for the common interface and ignored (CLP is data-free) but for
+        its task (``task=``, else ``task_of(clean_data)``: image classification without data)."""
+        self.use_task(task if task is not None else as_dataset(clean_data) if clean_data is not None else None)
         cfg: CLPConfig = self.config
         t_start = time.perf_counter()
         model = copy_of(model)

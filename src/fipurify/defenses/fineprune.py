@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from ..metrics import accuracy, predict
+from ..tasks import Task
 from .base import DEFENSES, EpochCallback, Step
 from .baseline_common import BaselineConfig, BaselineDefense, conv_bn_pairs, example_input, model_device
 from .loop import finetune
@@ -65,8 +65,10 @@ def default_layer(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def mean_channel_activation(model: nn.Module, module: nn.Module, data: Dataset, batch_size: int = 256) -> torch.Tensor:
-    """Mean of ``module``'s output per channel (dimension 1) over ``data``, model in eval mode."""
+def mean_channel_activation(model: nn.Module, module: nn.Module, data: Dataset, batch_size: int = 256,
+                            task: Task | None = None) -> torch.Tensor:
+    """Mean of ``module``'s output per channel (dimension 1) over ``data``, model in eval mode
+    (run as ``task.forward``, default ``model(x)``)."""
     sums: list[torch.Tensor] = []
     count = [0]
 
@@ -79,8 +81,9 @@ def mean_channel_activation(model: nn.Module, module: nn.Module, data: Dataset, 
     was_training = model.training
     model.eval()
     try:
-        for x, _ in DataLoader(data, batch_size=batch_size, shuffle=False):
-            model(x.to(model_device(model)))
+        for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
+            dev = model_device(model)
+            task.forward(model, x.to(dev), y.to(dev)) if task is not None else model(x.to(dev))
     finally:
         h.remove()
         model.train(was_training)
@@ -107,7 +110,7 @@ class FinePruning(BaselineDefense):
         out_module = mods[bn_after or layer]  # the module whose output the pruned channels zero
 
         t0 = time.perf_counter()
-        act = mean_channel_activation(model, out_module, train_set)
+        act = mean_channel_activation(model, out_module, train_set, task=self.task)
         order = torch.argsort(act).tolist()  # least active on clean data first
         check_set = holdout if holdout is not None else train_set
         pruned, base_acc, pruned_acc = self._search(model, out_module, order, check_set)
@@ -119,7 +122,8 @@ class FinePruning(BaselineDefense):
 
         params = list(model.parameters())
         history = finetune(model, params, train_set, cfg, holdout=holdout, post_step=keep_pruned,
-                           scheduler=self.scheduler(), progress=progress, callback=callback, desc=self.name)
+                           scheduler=self.scheduler(), progress=progress, callback=callback, desc=self.name,
+                           task=self.task)
         return Step(model.eval(), history, sum(p.numel() for p in params), {"setup": prune_s, "prune": prune_s},
                     {"layer": layer, "bn_after": bn_after, "n_channels": len(order), "pruned_channels": sorted(pruned),
                      "n_pruned": len(pruned), "prune_check_set": "holdout" if holdout is not None else "train",
@@ -127,9 +131,10 @@ class FinePruning(BaselineDefense):
 
     def _search(self, model: nn.Module, module: nn.Module, order: list[int], data: Dataset
                 ) -> tuple[list[int], float, float]:
-        """Prune along ``order`` while clean accuracy stays within ``acc_drop`` of the start
-        (or take the ``prune_ratio`` first channels); never prunes every channel."""
+        """Prune along ``order`` while clean accuracy (the task's metric) stays within ``acc_drop``
+        of the start (or take the ``prune_ratio`` first channels); never prunes every channel."""
         cfg: FinePruningConfig = self.config
+        score = self.task.score
         mask = torch.ones(len(order), device=model_device(model))
 
         def apply_mask(_m, _inp, out):
@@ -138,15 +143,15 @@ class FinePruning(BaselineDefense):
 
         h = module.register_forward_hook(apply_mask)
         try:
-            base_acc = accuracy(*predict(model, data))
+            base_acc = score(model, data)
             if cfg.prune_ratio is not None:
                 pruned = order[:int(round(cfg.prune_ratio * len(order)))]
                 mask[pruned] = 0.0
-                return pruned, base_acc, accuracy(*predict(model, data))
+                return pruned, base_acc, score(model, data)
             pruned, acc = [], base_acc
             for c in order[:-1]:
                 mask[c] = 0.0
-                new_acc = accuracy(*predict(model, data))
+                new_acc = score(model, data)
                 if new_acc < base_acc - cfg.acc_drop:
                     mask[c] = 1.0
                     break

@@ -24,7 +24,11 @@ The ablations of the paper's Table 7 are configurations of this one class
 (:mod:`fipurify.defenses.released`: zero-mean gradient noise, not Tr(F)), for comparing "what the
 code does" with "what the paper says".
 
-Logged per epoch (history, progress bar, JSON report): ``ce``; ``trf`` = eta_F * Tr(F) (or
+Any task (:mod:`fipurify.tasks`): "CE" is the task's loss, Tr(F) and diag(F_bar) are those of
+the task's likelihood (``log p(y|x) = -task.per_sample_loss``), the clean set is augmented as the
+task allows; the released term only exists for classification.
+
+Logged per epoch (history, progress bar, JSON report): ``ce`` (the task loss); ``trf`` = eta_F * Tr(F) (or
 ``noise`` = eta_F * N for the released term) on the steps that evaluate it; ``anchor`` =
 eta_r / 2 * L_r.
 """
@@ -35,13 +39,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..curvature.fisher import diag_fisher, fisher_anchor_loss, fisher_trace, snapshot
 from ..curvature.spectral import attach_spectral, fold_spectral
 from ..errors import ConfigError
+from ..tasks import Classification
 from .base import DEFENSES, Defense, DefenseConfig, EpochCallback, Step
 from .loop import finetune, make_optimizer
 from .released import RELEASED_OBJECTIVE, RELEASED_REGIME, released_trace_term
@@ -122,14 +126,18 @@ class FIP(Defense):
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
                 progress: bool, callback: EpochCallback | None) -> Step:
         cfg: FIPConfig = self.config
+        task = self.task
+        if cfg.trace == "released" and not isinstance(task, Classification):
+            raise ConfigError(f"trace='released' indexes log-softmax outputs by label and needs a classification "
+                              f"task, not {task.name}")
         t0 = time.perf_counter()
         params, names = self._trainable(model)
         setup_s = time.perf_counter() - t0  # the SVD time for f-FIP
         anchor = fdiag = None
         t0 = time.perf_counter()
         if cfg.eta_r > 0:
-            fdiag = diag_fisher(model, DataLoader(train_set, batch_size=64), params,
-                                normalize=cfg.fisher_normalize)
+            fdiag = diag_fisher(model, DataLoader(train_set, batch_size=64, collate_fn=self.task.collate_fn), params,
+                                normalize=cfg.fisher_normalize, task=task)
             anchor = snapshot(params)
         fisher_s = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -138,8 +146,8 @@ class FIP(Defense):
 
         def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
             # the released term reuses the CE forward pass, as the authors' script does
-            logits = m(x)
-            terms = {"ce": F.cross_entropy(logits, y)}
+            logits = task.forward(m, x, y)
+            terms = {"ce": task.mean_loss(logits, y)}
             if cfg.eta_f > 0 and step % cfg.fisher_every == 0:
                 terms["noise"] = cfg.eta_f * released_trace_term(logits, y, params, generator=gen)
             return terms
@@ -148,7 +156,7 @@ class FIP(Defense):
             terms: dict[str, torch.Tensor] = {}
             if not released and cfg.eta_f > 0 and step % cfg.fisher_every == 0:
                 trf = fisher_trace(m, x, params, estimator=cfg.estimator, y=y,
-                                   sub_batch=cfg.fisher_sub_batch, generator=gen)
+                                   sub_batch=cfg.fisher_sub_batch, generator=gen, task=task)
                 terms["trf"] = cfg.eta_f * trf
             if cfg.eta_r > 0:
                 if cfg.anchor_update == "gradient":
@@ -170,7 +178,7 @@ class FIP(Defense):
         history = finetune(model, params, train_set, cfg, holdout=holdout, penalty=penalty, optimizer=opt,
                            objective=objective if released else None,
                            post_step=proximal if cfg.eta_r > 0 and cfg.anchor_update == "proximal" else None,
-                           progress=progress, callback=callback, desc=self.method_name())
+                           progress=progress, callback=callback, desc=self.method_name(), task=task)
         if cfg.space == "spectral":
             fold_spectral(model)
         for p in model.parameters():

@@ -86,6 +86,8 @@ class FST(BaselineDefense):
 
     name = "fst"
     config_class = FSTConfig
+    tasks = ("classification",)
+    task_reason = "it re-initialises the linear classification head (one output per class)"
 
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
                 progress: bool, callback: EpochCallback | None) -> Step:
@@ -124,7 +126,7 @@ class FST(BaselineDefense):
         setup_s = time.perf_counter() - t_start
         history = finetune(model, params, train_set, cfg, holdout=holdout, optimizer=opt, penalty=shift,
                            post_step=hold_norm, scheduler=self.scheduler(), progress=progress,
-                           callback=annotate, desc=self.name)
+                           callback=annotate, desc=self.name, task=self.task)
         return Step(model.eval(), history, sum(p.numel() for p in params), {"setup": setup_s},
                     {"head": head_name, "head_norm": float(norm0), "head_cosine_init": cos_init,
                      "head_cosine": [r["head_cosine"] for r in history]})

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
+from ..tasks import Classification
 from .base import DEFENSES, EpochCallback, Step
 from .baseline_common import BaselineConfig, BaselineDefense
 from .loop import finetune, make_optimizer
@@ -73,13 +74,20 @@ class FTSAM(BaselineDefense):
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
                 progress: bool, callback: EpochCallback | None) -> Step:
         cfg: FTSAMConfig = self.config
+        task = self.task
+        classification = isinstance(task, Classification)
+        if cfg.label_smoothing > 0 and not classification:
+            raise ConfigError(f"label_smoothing smooths class labels and needs a classification task, not "
+                              f"{task.name}; set label_smoothing=0")
         t_start = time.perf_counter()
         params = list(model.parameters())
         base = make_optimizer(params, cfg)
         sam = SAM(params, base, rho=cfg.rho, adaptive=cfg.adaptive)
 
         def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)
+            if not classification:  # the task's own loss
+                return task.loss(m, x, y)
+            return F.cross_entropy(task.forward(m, x, y), y, label_smoothing=cfg.label_smoothing)
 
         def sam_step(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
             loss = loss_fn(m, x, y)
@@ -97,7 +105,8 @@ class FTSAM(BaselineDefense):
 
         setup_s = time.perf_counter() - t_start
         history = finetune(model, params, train_set, cfg, holdout=holdout, optimizer=base, step_fn=sam_step,
-                           scheduler=self.scheduler(), progress=progress, callback=callback, desc=self.name)
+                           scheduler=self.scheduler(), progress=progress, callback=callback, desc=self.name,
+                           task=task)
         return Step(model.eval(), history, sum(p.numel() for p in params), {"setup": setup_s})
 
 

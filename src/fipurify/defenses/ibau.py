@@ -120,6 +120,8 @@ class IBAU(Defense):
 
     name = "i-bau"
     config_class = IBAUConfig
+    tasks = ("image-classification",)
+    task_reason = "its universal perturbation is clipped to the [0, 1] pixel range and aimed at the predicted class"
 
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
                 progress: bool, callback: EpochCallback | None) -> Step:
@@ -169,7 +171,8 @@ class IBAU(Defense):
 
         opt = make_optimizer(params, cfg, cfg.optimizer)
         history = finetune(model, params, train_set, cfg, holdout=holdout, optimizer=opt, progress=progress,
-                           callback=callback, desc=self.name, objective=hypergradient, epoch_start=find_perturbation)
+                           callback=callback, desc=self.name, objective=hypergradient, epoch_start=find_perturbation,
+                           task=self.task)
         for rec, n in zip(history, norms):
             rec["pert_norm"] = n
         self.perturbation = delta.detach().cpu()

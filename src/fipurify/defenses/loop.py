@@ -1,8 +1,14 @@
 """The one fine-tuning loop that every fine-tuning-based defense runs.
 
 A defense supplies the trainable parameters and, optionally, a function adding
-penalty terms to the cross-entropy; the loop owns batching, augmentation, the
+penalty terms to the task loss; the loop owns batching, augmentation, the
 optimizer and schedule, divergence checks, progress and per-epoch logging.
+
+The problem is a :class:`~fipurify.tasks.Task` (default image classification): the default
+term is ``{"ce": task.loss(model, x, y)}`` (cross-entropy for classification), the
+augmentation ``task.augment(x, generator, padding=4, flip=cfg.flip)`` and the per-epoch
+hold-out figure ``task.score`` (logged as ``holdout_acc`` for accuracy, else
+``holdout_<metric>``).
 """
 from __future__ import annotations
 
@@ -10,19 +16,17 @@ import time
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
-from ..augment import random_crop_flip
 from ..errors import ConfigError, FipurifyError
-from ..metrics import accuracy, predict
+from ..tasks import ImageClassification, Task
 from .base import DefenseConfig, EpochCallback
 
-#: extra(model, x, y, step) -> {name: scalar tensor}; the terms are added to the CE loss
+#: extra(model, x, y, step) -> {name: scalar tensor}; the terms are added to the task loss
 PenaltyFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]]
-#: objective(model, x, y, step) -> {name: scalar tensor}; replaces the default {"ce": CE} terms
+#: objective(model, x, y, step) -> {name: scalar tensor}; replaces the default {"ce": task loss} terms
 ObjectiveFn = PenaltyFn
 #: step(model, x, y, step) -> {name: scalar tensor}: one whole update on a batch (its own forward passes,
 #: backward and optimizer step, e.g. SAM's two passes); the returned terms are only checked and logged
@@ -31,6 +35,10 @@ StepFn = PenaltyFn
 
 class PurificationDiverged(FipurifyError):
     """The loss became NaN or infinite; no purified model is returned."""
+
+
+#: the task when none is given
+_IMAGES = ImageClassification()
 
 
 def set_bn_eval(model: nn.Module) -> None:
@@ -52,15 +60,16 @@ def make_optimizer(params: Sequence[torch.Tensor], cfg: DefenseConfig, kind: str
     raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {kind!r}")
 
 
-def clean_loader(train_set: Dataset, cfg: DefenseConfig, generator: torch.Generator) -> DataLoader:
+def clean_loader(train_set: Dataset, cfg: DefenseConfig, generator: torch.Generator,
+                 collate_fn: Callable | None = None) -> DataLoader:
     """Batches of one epoch: a shuffled pass over ``train_set``, or ``cfg.steps_per_epoch`` batches
-    drawn with replacement when that is positive."""
+    drawn with replacement when that is positive; ``collate_fn`` is the task's (None: stacking)."""
     batch = min(cfg.batch_size, len(train_set))
     if cfg.steps_per_epoch > 0:
         sampler = RandomSampler(train_set, replacement=True, num_samples=cfg.steps_per_epoch * batch,
                                 generator=generator)
-        return DataLoader(train_set, batch_size=batch, sampler=sampler)
-    return DataLoader(train_set, batch_size=batch, shuffle=True, generator=generator)
+        return DataLoader(train_set, batch_size=batch, sampler=sampler, collate_fn=collate_fn)
+    return DataLoader(train_set, batch_size=batch, shuffle=True, generator=generator, collate_fn=collate_fn)
 
 
 def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Dataset, cfg: DefenseConfig, *,
@@ -70,26 +79,30 @@ def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Datase
              callback: EpochCallback | None = None, desc: str = "purify",
              objective: ObjectiveFn | None = None, epoch_start: Callable[[int], None] | None = None,
              stop: Callable[[dict[str, Any]], bool] | None = None, step_fn: StepFn | None = None,
-             scheduler: Callable[[torch.optim.Optimizer], Any] | None = None) -> list[dict[str, Any]]:
-    """Minimise CE (+ ``penalty`` terms) over ``params`` for ``cfg.epochs`` epochs, in place.
+             scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+             task: Task | None = None) -> list[dict[str, Any]]:
+    """Minimise the task loss (+ ``penalty`` terms) over ``params`` for ``cfg.epochs`` epochs, in place.
 
+    ``task`` (default image classification) gives the loss, the augmentation and the hold-out metric.
     ``post_step(lr)`` runs after every optimizer step (e.g. a proximal update).
-    ``objective`` replaces the CE term (e.g. gradient ascent or a weighted loss);
+    ``objective`` replaces the task-loss term (e.g. gradient ascent or a weighted loss);
     ``epoch_start(epoch)`` runs before each epoch (the loop then sets the train/BN mode);
     ``stop(record)`` runs after each epoch, before ``callback``; True ends training early.
     ``step_fn`` performs the whole update of a batch itself (the loop then neither backpropagates
     nor steps; pass its base optimizer as ``optimizer`` for the schedule and the logged lr).
     ``scheduler(optimizer)`` builds the per-epoch LR schedule (default: MultiStepLR on
     ``cfg.milestones`` and ``cfg.gamma``).
-    Returns one record per epoch: mean of every loss term, holdout clean accuracy,
-    learning rate and seconds.
+    Returns one record per epoch: mean of every loss term, the hold-out clean metric
+    (accuracy for classification), learning rate and seconds.
     """
     params = [p for p in params if p.requires_grad]
     if not params:
         raise FipurifyError("nothing to train: no parameter requires a gradient")
     device = params[0].device
+    task = task if task is not None else _IMAGES
+    score_key = "holdout_acc" if task.metric == "accuracy" else f"holdout_{task.metric}"
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = clean_loader(train_set, cfg, gen)
+    loader = clean_loader(train_set, cfg, gen, task.collate_fn)
     opt = optimizer or make_optimizer(params, cfg)
     sched = scheduler(opt) if scheduler is not None \
         else torch.optim.lr_scheduler.MultiStepLR(opt, [m for m in cfg.milestones], cfg.gamma)
@@ -109,12 +122,12 @@ def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Datase
             for x, y in loader:
                 x, y = x.to(device), y.to(device)
                 if cfg.augment:
-                    x = random_crop_flip(x, 4, cfg.flip, generator=gen)
+                    x = task.augment(x, gen, padding=4, flip=cfg.flip)
                 if step_fn is not None:
                     terms = {k: v.detach() for k, v in step_fn(model, x, y, step).items()}
                 else:
                     terms = objective(model, x, y, step) if objective is not None \
-                        else {"ce": F.cross_entropy(model(x), y)}
+                        else {"ce": task.loss(model, x, y)}
                     if penalty is not None:
                         terms.update(penalty(model, x, y, step))
                 loss = sum(terms.values())
@@ -141,8 +154,7 @@ def finetune(model: nn.Module, params: Sequence[torch.Tensor], train_set: Datase
             rec: dict[str, Any] = {"epoch": epoch, **{k: sums[k] / counts[k] for k in sums},
                                    "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
             if holdout is not None and len(holdout):
-                preds, labels = predict(model, holdout)
-                rec["holdout_acc"] = accuracy(preds, labels)
+                rec[score_key] = task.score(model, holdout)
             history.append(rec)
             done = stop is not None and stop(rec)
             if callback is not None:  # a callback with needs_model (e.g. a smoothness tracker) gets the model too

@@ -27,7 +27,6 @@ from torch.func import functional_call
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from ..metrics import accuracy, predict
 from .base import DEFENSES, EpochCallback, Step, labelled
 from .baseline_common import BaselineConfig, BaselineDefense, copy_of, recompute_bn_stats
 from .loop import finetune
@@ -113,6 +112,8 @@ class MCR(BaselineDefense):
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
                 progress: bool, callback: EpochCallback | None) -> Step:
         cfg: MCRConfig = self.config
+        task = self.task
+        key = "holdout_acc" if task.metric == "accuracy" else f"holdout_{task.metric}"
         t_start = time.perf_counter()
 
         # 1. the second end point: the backdoored model fine-tuned on the clean set (``model``, the
@@ -121,13 +122,14 @@ class MCR(BaselineDefense):
         ft_cfg = replace(cfg, epochs=cfg.ft_epochs, lr=cfg.ft_lr, weight_decay=cfg.ft_weight_decay)
         ft_hist = finetune(end, list(end.parameters()), train_set, ft_cfg, holdout=holdout,
                            scheduler=self.scheduler(cfg.ft_epochs, "cosine"), progress=progress,
-                           callback=labelled(callback, "stage", "endpoint"), desc=f"{self.name} end point")
+                           callback=labelled(callback, "stage", "endpoint"), desc=f"{self.name} end point",
+                           task=task)
         endpoint_s = time.perf_counter() - t_start
 
         # 2. the curve's middle control point
         curve = BezierCurve(model, end, seed=cfg.seed)
         curve_hist = finetune(curve, list(curve.mid), train_set, cfg, scheduler=self.scheduler(), progress=progress,
-                              callback=labelled(callback, "stage", "curve"), desc=f"{self.name} curve")
+                              callback=labelled(callback, "stage", "curve"), desc=f"{self.name} curve", task=task)
 
         # 3. the returned point, with BN statistics of its own
         t0 = time.perf_counter()
@@ -135,15 +137,15 @@ class MCR(BaselineDefense):
         if cfg.scan and holdout is not None:
             for i in range(11):
                 m = curve.point(i / 10)
-                recompute_bn_stats(m, train_set, cfg.batch_size)
-                scan.append({"t": i / 10, "holdout_acc": accuracy(*predict(m, holdout))})
+                recompute_bn_stats(m, train_set, cfg.batch_size, task)
+                scan.append({"t": i / 10, key: task.score(m, holdout)})
         purified = curve.point(cfg.t)
-        bn_recomputed = recompute_bn_stats(purified, train_set, cfg.batch_size)
-        picked_acc = accuracy(*predict(purified, holdout)) if holdout is not None else None
+        bn_recomputed = recompute_bn_stats(purified, train_set, cfg.batch_size, task)
+        picked_acc = task.score(purified, holdout) if holdout is not None else None
         history = ft_hist + curve_hist
         return Step(purified.eval(), history, sum(p.numel() for p in curve.mid),
                     {"setup": 0.0, "endpoint": endpoint_s, "select": time.perf_counter() - t0},
-                    {"t": cfg.t, "holdout_acc_at_t": picked_acc, "curve_scan": scan, "bn_recomputed": bn_recomputed})
+                    {"t": cfg.t, f"{key}_at_t": picked_acc, "curve_scan": scan, "bn_recomputed": bn_recomputed})
 
 
 DEFENSES.register("mcr", MCR, **MCR.paper_schedule())

@@ -126,6 +126,7 @@ class NAD(BaselineDefense):
         cfg: NADConfig = self.config
         t_start = time.perf_counter()
         layers = self._layers(model)
+        task = self.task
 
         # 1. the teacher: plain fine-tuning of a copy (``model`` itself becomes the student)
         teacher = copy_of(model)
@@ -134,7 +135,7 @@ class NAD(BaselineDefense):
         t_hist = finetune(teacher, t_params, train_set, t_cfg, holdout=holdout,
                           optimizer=make_optimizer(t_params, cfg, nesterov=cfg.nesterov),
                           scheduler=self.scheduler(cfg.teacher_epochs), progress=progress,
-                          callback=labelled(callback, "stage", "teacher"), desc=f"{self.name} teacher")
+                          callback=labelled(callback, "stage", "teacher"), desc=f"{self.name} teacher", task=task)
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -146,9 +147,9 @@ class NAD(BaselineDefense):
 
         def distill(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
             if any(n not in s_cap.out or s_cap.out[n].shape[0] != x.shape[0] for n in layers):
-                m(x)  # the loop's forward of this batch was not captured (should not happen)
+                task.forward(m, x, y)  # the loop's forward of this batch was not captured (should not happen)
             with torch.no_grad():
-                teacher(x)
+                task.forward(teacher, x, y)
             at = sum(beta * attention_loss(s_cap.out[n], t_cap.out[n], cfg.p) for n, beta in zip(layers, cfg.betas))
             return {"at": at}
 
@@ -157,7 +158,7 @@ class NAD(BaselineDefense):
             s_hist = finetune(student, s_params, train_set, cfg, holdout=holdout, penalty=distill,
                               optimizer=make_optimizer(s_params, cfg, nesterov=cfg.nesterov),
                               scheduler=self.scheduler(), progress=progress,
-                              callback=labelled(callback, "stage", "student"), desc=self.name)
+                              callback=labelled(callback, "stage", "student"), desc=self.name, task=task)
         finally:
             s_cap.remove()
             t_cap.remove()

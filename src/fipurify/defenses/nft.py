@@ -118,6 +118,8 @@ class NFT(BaselineDefense):
 
     name = "nft"
     config_class = NFTConfig
+    tasks = ("classification",)
+    task_reason = "its MixUp objective mixes one-hot class labels (a soft-label cross-entropy)"
 
     def check_model(self, model: nn.Module) -> None:
         if not batchnorm_layers(model):
@@ -161,7 +163,7 @@ class NFT(BaselineDefense):
             history = finetune(work, masks, train_set, cfg, holdout=holdout, penalty=regulariser,
                                objective=mixed_ce, optimizer=make_optimizer(masks, cfg), post_step=clip,
                                scheduler=cosine if cfg.schedule == "cosine" else self.scheduler(),
-                               progress=progress, callback=callback, desc=self.name)
+                               progress=progress, callback=callback, desc=self.name, task=self.task)
         finally:
             for h in handles:
                 h.remove()

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -94,6 +93,8 @@ class RNP(Defense):
 
     name = "rnp"
     config_class = RNPConfig
+    tasks = ("classification",)
+    task_reason = "its unlearning phase stops when the clean training accuracy (argmax of class scores) collapses"
 
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
                 progress: bool, callback: EpochCallback | None) -> Step:
@@ -105,12 +106,13 @@ class RNP(Defense):
         # 1. unlearning: gradient ascent until the epoch's clean training accuracy <= threshold
         unlearned = copy.deepcopy(model).requires_grad_(True)
         counts = {"correct": 0, "seen": 0}
+        task = self.task
 
         def ascent(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-            out = m(x)
+            out = task.forward(m, x, y)
             counts["correct"] += int((out.argmax(1) == y).sum())
             counts["seen"] += len(y)
-            return {"neg_ce": -F.cross_entropy(out, y)}
+            return {"neg_ce": -task.mean_loss(out, y)}
 
         def reached(rec: dict[str, Any]) -> bool:
             rec["phase"] = "unlearn"
@@ -120,7 +122,7 @@ class RNP(Defense):
 
         params = list(unlearned.parameters())
         history = finetune(unlearned, params, train_set, cfg, holdout=holdout, progress=progress, callback=callback,
-                           desc="rnp: unlearning", objective=ascent, stop=reached)
+                           desc="rnp: unlearning", objective=ascent, stop=reached, task=task)
         unlearn_s = time.perf_counter() - t_start
 
         # 2. recovering: BN-channel masks on the frozen unlearned model
@@ -131,7 +133,7 @@ class RNP(Defense):
         handles = [m.register_forward_hook(_mask_hook(mk)) for (_, m), mk in zip(layers, masks)]
 
         def recover(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-            return {"ce": cfg.recover_alpha * F.cross_entropy(m(x), y)}
+            return {"ce": cfg.recover_alpha * task.loss(m, x, y)}
 
         @torch.no_grad()
         def clip(lr: float) -> None:
@@ -145,7 +147,7 @@ class RNP(Defense):
         try:
             history += finetune(unlearned, masks, train_set, rcfg, holdout=holdout, post_step=clip,
                                 progress=progress, callback=labelled(callback, "phase", "recover"),
-                                desc="rnp: recovering", objective=recover)
+                                desc="rnp: recovering", objective=recover, task=task)
         finally:
             for hd in handles:
                 hd.remove()

@@ -200,6 +200,8 @@ class SAU(BaselineDefense):
 
     name = "sau"
     config_class = SAUConfig
+    tasks = ("image-classification",)
+    task_reason = "its PGD keeps perturbed inputs in the [0, 1] pixel box and attacks class labels"
 
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
                 progress: bool, callback: EpochCallback | None) -> Step:
@@ -226,7 +228,7 @@ class SAU(BaselineDefense):
             counts[-1][2] += int(sae.shared.sum())
             m.train(cfg.bn_mode == "train")  # the authors keep the whole model in eval mode
             logits, logits_adv = m(torch.cat([x, sae.x_adv])).split(len(x))
-            terms = {"ce": F.cross_entropy(logits, y)}
+            terms = {"ce": self.task.mean_loss(logits, y)}
             mask = sae.ref_fooled
             terms["sar"] = -log_one_minus_prob(logits_adv[mask], sae.ref_pred[mask]).sum() / len(x)
             if cfg.at_weight > 0:
@@ -251,7 +253,7 @@ class SAU(BaselineDefense):
         setup_s = time.perf_counter() - t_start
         history = finetune(model, params, train_set, cfg, holdout=holdout, optimizer=opt, step_fn=sau_step,
                            epoch_start=lambda epoch: counts.append([0, 0, 0]), scheduler=self.scheduler(),
-                           progress=progress, callback=annotate, desc=self.name)
+                           progress=progress, callback=annotate, desc=self.name, task=self.task)
         return Step(model.eval(), history, sum(p.numel() for p in params), {"setup": setup_s, "pgd": pgd_s[0]},
                     {"shared_share": [r["shared_share"] for r in history],
                      "ref_fooled_share": [r["ref_fooled_share"] for r in history]})

@@ -9,6 +9,10 @@ Every phase of a training-time defense runs through the shared loop
 :func:`~fipurify.defenses.loop.finetune` (custom losses via its ``objective`` hook), so
 there is one training loop. After :meth:`TrainingDefense.train` the defense holds a
 ``report`` dict (config, timings, per-epoch records tagged with their ``phase``).
+
+The training set's :class:`~fipurify.tasks.Task` (``task=``, else ``task_of``: image
+classification) gives the item check, the loss and the augmentation; a method limited to some
+tasks names them in ``tasks`` and refuses the others in one line.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
+from ..tasks import Classification, ImageClassification, Task, task_of
 from ..validation import check_optimisation
 from .base import Configured, DefenseConfig, EpochCallback, Options, as_dataset, labelled
 from .loop import make_optimizer
@@ -72,23 +77,30 @@ def sgd(params, cfg: DefenseConfig) -> torch.optim.SGD:
     return make_optimizer(params, cfg, nesterov=cfg.momentum > 0)
 
 
-def check_train_set(dataset: Dataset, model: nn.Module) -> None:
-    """Refuse an empty training set, non-image items, and a class-count mismatch with the model."""
+def check_train_set(dataset: Dataset, model: nn.Module, task: Task | None = None) -> None:
+    """Refuse an empty training set, items that are not of ``task`` (default ``task_of(dataset)``),
+    a model that cannot run on one, and (classification) a class-count mismatch with the model."""
     if len(dataset) == 0:
         raise DataError("the training set is empty")
+    task = task if task is not None else task_of(dataset)
+    images = task.name == "image-classification"
     x, y = dataset[0]
-    if getattr(x, "ndim", 0) != 3:
+    if images and getattr(x, "ndim", 0) != 3:
         raise DataError(f"training images must be C x H x W tensors, got shape {tuple(getattr(x, 'shape', ()))}")
+    task.check_sample(x, y)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x[None].to(next(model.parameters()).device))
+            out = task.forward(model, x[None].to(device), torch.as_tensor(y)[None].to(device))
     except RuntimeError as e:
-        raise DataError(f"the model cannot process images of shape {tuple(x.shape)}: "
+        raise DataError(f"the model cannot process {'images' if images else 'items'} of shape {tuple(x.shape)}: "
                         f"{str(e).splitlines()[0]}") from None
     finally:
         model.train(was_training)
+    if not isinstance(task, Classification):
+        return
     n_data = getattr(dataset, "num_classes", None)
     if n_data is not None and n_data != out.shape[-1]:
         raise DataError(f"class count mismatch: the model predicts {out.shape[-1]} classes "
@@ -96,15 +108,19 @@ def check_train_set(dataset: Dataset, model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def per_sample_loss(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> torch.Tensor:
-    """Cross-entropy of every sample (model in eval mode, no augmentation), in dataset order."""
+def per_sample_loss(model: nn.Module, dataset: Dataset, batch_size: int = 256,
+                    task: Task | None = None) -> torch.Tensor:
+    """The task loss of every sample (``task.per_sample_loss``, default image classification's
+    cross-entropy; model in eval mode, no augmentation), in dataset order."""
+    task = task if task is not None else ImageClassification()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
     try:
         for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            out.append(torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device), reduction="none").cpu())
+            x, y = x.to(device), y.to(device)
+            out.append(task.per_sample_loss(task.forward(model, x, y), y).cpu())
     finally:
         model.train(was_training)
     return torch.cat(out)
@@ -128,15 +144,20 @@ class TrainingDefense(Configured, ABC):
     name: ClassVar[str] = "training-defense"
     config_class: ClassVar[type[TrainingDefenseConfig]] = TrainingDefenseConfig
     config: TrainingDefenseConfig
+    action: ClassVar[str] = "train"
 
     @abstractmethod
-    def train(self, model: nn.Module, poisoned_train_set: Dataset | DataLoader, *,
+    def train(self, model: nn.Module, poisoned_train_set: Dataset | DataLoader, *, task: Task | str | None = None,
               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
-        """Train ``model`` (in place) on ``poisoned_train_set``; returns the trained model."""
+        """Train ``model`` (in place) on ``poisoned_train_set``; returns the trained model.
+        ``task`` is the problem (a Task or a registered name); default ``task_of(poisoned_train_set)``."""
 
-    def _prepare(self, model: nn.Module, data: Dataset | DataLoader) -> Dataset:
+    def _prepare(self, model: nn.Module, data: Dataset | DataLoader, task: Task | str | None = None) -> Dataset:
+        """The training set as a Dataset, after setting :attr:`task` (or refusing it), checking the
+        set against the model and seeding torch."""
         dataset = as_dataset(data)
-        check_train_set(dataset, model)
+        self.use_task(task if task is not None else dataset)
+        check_train_set(dataset, model, self.task)
         torch.manual_seed(self.config.seed)
         return dataset
 

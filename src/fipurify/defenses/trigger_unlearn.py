@@ -92,6 +92,8 @@ class TriggerUnlearn(Defense):
     name = "trigger-unlearn"
     config_class = TriggerUnlearnConfig
     config: TriggerUnlearnConfig
+    tasks = ("image-classification",)
+    task_reason = "it recovers and stamps a pixel trigger (mask and pattern on C x H x W images)"
 
     def _detect(self, model: nn.Module, train_set: Dataset):
         from ..detection import detect  # detection builds on defenses.base: imported when used
@@ -134,13 +136,13 @@ class TriggerUnlearn(Defense):
             def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int,
                           stamps: list = stamps) -> dict[str, torch.Tensor]:
                 x = stamp_triggers(x, stamps, cfg.stamp, gen)
-                terms = {"ce": torch.nn.functional.cross_entropy(m(x), y)}
+                terms = {"ce": self.task.loss(m, x, y)}
                 if anchor is not None:
                     terms["anchor"] = 0.5 * cfg.eta_r * fisher_anchor_loss(params, anchor, fdiag)
                 return terms
 
             history += finetune(model, params, train_set, schedule, holdout=holdout, objective=objective,
-                                progress=progress, callback=labelled(callback, "round", str(r)),
+                                task=self.task, progress=progress, callback=labelled(callback, "round", str(r)),
                                 desc=f"unlearn (round {r})")
             if r == cfg.rounds and not cfg.verify:
                 break

@@ -40,6 +40,9 @@ class Task(ABC):
     name: str = "task"
     #: the name of :meth:`score`'s value, e.g. "accuracy", "mAP", "BLEU"
     metric: str = "score"
+    #: how a batch is assembled from items (``DataLoader(collate_fn=...)``); None = torch's default
+    #: stacking, a function for items of different lengths (e.g. sentences, padded)
+    collate_fn: Any = None
 
     @abstractmethod
     def check_sample(self, x: Any, y: Any) -> None:
@@ -51,11 +54,17 @@ class Task(ABC):
 
     @abstractmethod
     def per_sample_loss(self, output: Tensor, y: Tensor) -> Tensor:
-        """The training loss of each sample (a vector of batch length) given the model's output."""
+        """The training loss of each sample (a vector of batch length) given the model's output:
+        the negative log-likelihood :math:`-\\log p_\\theta(y|x)` (the Fisher code takes its gradient
+        as the score)."""
+
+    def mean_loss(self, output: Tensor, y: Tensor) -> Tensor:
+        """The mean training loss of a batch given the model's output (when the output is shared)."""
+        return self.per_sample_loss(output, y).mean()
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """The mean training loss of the batch (what fine-tuning minimises)."""
-        return self.per_sample_loss(self.forward(model, x, y), y).mean()
+        return self.mean_loss(self.forward(model, x, y), y)
 
     @abstractmethod
     def sample_targets(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -75,8 +84,10 @@ TASKS = Registry("task")
 
 
 def task_of(dataset: Any) -> Task:
-    """The task of ``dataset``: its ``task`` attribute (a Task or a registered name), else
-    image classification (every dataset fipurify had before tasks existed)."""
+    """The task of ``dataset``: its ``task`` attribute (a Task or a registered name), or that of
+    the set it wraps (``.dataset``, e.g. a ``Subset``), else image classification (every dataset fipurify had before tasks existed)."""
+    while getattr(dataset, "task", None) is None and getattr(dataset, "dataset", None) is not None:
+        dataset = dataset.dataset  # a Subset (or any wrapper exposing .dataset) has its base set's task
     t = getattr(dataset, "task", None)
     if isinstance(t, Task):
         return t

@@ -36,12 +36,14 @@ class Classification(Task):
     def per_sample_loss(self, output: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(output, y, reduction="none")
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(self.forward(model, x, y), y)
+    def mean_loss(self, output: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(output, y)
 
     def sample_targets(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        probs = torch.softmax(output.detach().float(), dim=-1)
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(output.device)
+        # drawn on the generator's device (the output's without one), then moved to the output's
+        probs = torch.softmax(output.detach(), dim=-1)
+        device = generator.device if generator is not None else probs.device
+        return torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(output.device)
 
     def score(self, model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
         from ..metrics import accuracy, predict
@@ -55,9 +57,9 @@ class ImageClassification(Classification):
     name = "image-classification"
 
     def check_sample(self, x: Any, y: Any) -> None:
+        if getattr(x, "ndim", 0) != 3:  # first, with the message the clean-set check always had
+            raise DataError(f"clean images must be C x H x W tensors, got shape {tuple(getattr(x, 'shape', ()))}")
         super().check_sample(x, y)
-        if x.ndim != 3:
-            raise DataError(f"clean images must be C x H x W tensors, got shape {tuple(x.shape)}")
 
     def augment(self, x: Tensor, generator: torch.Generator | None = None, *, padding: int = 4,
                 flip: bool = True, **options: Any) -> Tensor:
