@@ -160,25 +160,33 @@ def cmd_train(args) -> int:
     _check_out(args, args.out)
     _check_out(args, args.json, "--json")
     attack = None
+    attack_opts = parse_key_values(args.attack_opt, "--attack-opt")
     if args.attack != "none":
-        attack = attacks.create(args.attack, target=args.target, poison_rate=args.poison_rate,
-                                seed=args.seed, **({"mode": args.mode} if args.mode else {}),
-                                **parse_key_values(args.attack_opt, "--attack-opt"))
+        # --attack-opt target=... wins over --target (e.g. the trigger-word attack's output sentence)
+        attack = attacks.create(args.attack, **({} if "target" in attack_opts else {"target": args.target}),
+                                poison_rate=args.poison_rate, seed=args.seed,
+                                **({"mode": args.mode} if args.mode else {}), **attack_opts)
     defense = _training_defense(args)
-    bundle = load_data(args.dataset, args.data_root, _reserve(args.reserve), args.seed, args.train_limit)
-    if attack is not None and not 0 <= args.target < bundle.dataset_info["num_classes"]:
-        raise FipurifyError(f"target label {args.target} is out of range for "
-                            f"{bundle.dataset_info['num_classes']} classes")
-    print(f"training {args.arch} on {bundle.dataset_info['name']}: {len(bundle.train)} training images, "
+    arch_kw = _parse_options(args.arch_opt, "--arch-opt")
+    load_kw = _parse_options(args.dataset_opt, "--dataset-opt")
+    bundle = load_data(args.dataset, args.data_root, _reserve(args.reserve), args.seed, args.train_limit, **load_kw)
+    n_classes = bundle.dataset_info.get("num_classes")
+    target = getattr(attack, "target", None)
+    if attack is not None and n_classes is not None and isinstance(target, int) and not 0 <= target < n_classes:
+        raise FipurifyError(f"target label {target} is out of range for {n_classes} classes")
+    what = "images" if "image_shape" in bundle.dataset_info else "items"
+    print(f"training {args.arch} on {bundle.dataset_info['name']}: {len(bundle.train)} training {what}, "
           f"{len(bundle.reserve)} held out as clean reserve, attack: {args.attack}"
           + (f", training-time defense: {args.defense}" if defense is not None else ""), file=sys.stderr)
     model, meta = train_backdoored(bundle, args.arch, attack, cfg, width=args.width,
                                    progress=_progress(args), log=lambda m: print(m, file=sys.stderr),
-                                   defense=defense, device=device)
+                                   defense=defense, device=device, **arch_kw)
     meta["device"] = device  # where it was trained
     save_model(model, args.out, meta)
     m = meta["metrics"]
-    print(f"saved {args.out}: ACC {100 * m['acc']:.2f}%" + (f", ASR {100 * m['asr']:.2f}%" if m["asr"] is not None else ""))
+    name = {"accuracy": "ACC", "BLEU": "CT BLEU"}.get(m.get("metric", "accuracy"), m.get("metric"))
+    print(f"saved {args.out}: {name} {100 * m['acc']:.2f}%"
+          + (f", ASR {100 * m['asr']:.2f}%" if m["asr"] is not None else ""))
     if args.json:
         atomic_write_text(args.json, json.dumps(meta, indent=2))
     return 0
@@ -215,10 +223,32 @@ def cmd_evaluate(args) -> int:
                             "--dataset (cifar10, gtsrb), or evaluate it in Python with fipurify.metrics.evaluate")
     res = evaluate_saved(model, meta, args.data_root)
     row = {"model": _model_label(args), **res}
-    print(format_table([row], ["model", "acc", "asr", "lcr", "n_clean", "n_backdoor"]))
+    print(format_table([row], ["model", *metric_columns(res), "n_clean", "n_backdoor"]))
     if args.json:
         atomic_write_text(args.json, json.dumps(row, indent=2))
     return 0
+
+
+def metric_columns(result: dict[str, Any] | None) -> list[str]:
+    """The table columns of a task's metrics (:func:`fipurify.metrics.evaluate_task`): acc, asr, lcr
+    for classifiers; mAP and asr for multi-label models; CT, AT and ASR for translation."""
+    metric = (result or {}).get("metric")
+    if metric == "BLEU":
+        return ["CT", "AT", "ASR"]
+    if metric is not None:
+        return [metric, "asr"]
+    return ["acc", "asr", "lcr"]
+
+
+def _check_task(args, defense, meta: dict[str, Any]) -> None:
+    """A one-line refusal, before any data is read, when ``defense`` cannot act on the model's task
+    or ``--clean-dir`` (a folder of images) cannot hold its clean data."""
+    task = (meta.get("dataset") or {}).get("task")
+    if task:
+        defense.use_task(task)
+    if args.clean_dir and task not in (None, "image-classification"):
+        raise FipurifyError(f"--clean-dir takes folders of images; this is a {task} model: leave --clean-dir "
+                            "out to use its clean reserve")
 
 
 def _parse_options(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
@@ -233,7 +263,7 @@ def _clean_set(args, model, meta: dict[str, Any]):
 
     if args.clean_size is not None and args.clean_size < 1:
         raise FipurifyError(f"--clean-size must be at least 1, got {args.clean_size}")
-    if args.clean_dir:
+    if args.clean_dir:  # image models only (see _check_task)
         data = load_clean_folder(model, meta, args.clean_dir,
                                  warn=lambda m: print(f"fipurify: warning: {m}", file=sys.stderr))
         where = f"the folder {args.clean_dir}"
@@ -263,23 +293,26 @@ def cmd_purify(args) -> int:
     if Path(report_path).expanduser().resolve() == Path(args.out).expanduser().resolve():
         raise FipurifyError(f"--report {report_path} is the --out file; name another file")
     model, meta = _open_model(args)
-    test_data = None
-    if not args.no_eval:  # the test set is needed after purifying: find it before
-        if not meta.get("dataset"):
-            raise FipurifyError(f"{_model_label(args)} records no dataset to evaluate it on: pass --no-eval "
-                                "(or your own model's --dataset cifar10|gtsrb)")
-        try:
-            test_data = reload_test_only(meta, args.data_root)  # loaded once for before and after
-        except DataError as e:
-            raise DataError(f"{e}; or pass --no-eval to purify without the before/after evaluation") from None
+    if not args.no_eval and not meta.get("dataset"):
+        raise FipurifyError(f"{_model_label(args)} records no dataset to evaluate it on: pass --no-eval "
+                            "(or your own model's --dataset cifar10|gtsrb)")
     options = _parse_options(args.set)
     for key in ("epochs", "lr", "eta_f", "eta_r"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     options.setdefault("seed", args.seed)
     defense = defense_for(args.method, meta.get("dataset", {}).get("name"), **options)
+    _check_task(args, defense, meta)  # before any data is read
+    test_data = None
+    if not args.no_eval:  # the test set is needed after purifying: find it before
+        try:
+            test_data = reload_test_only(meta, args.data_root)  # loaded once for before and after
+        except DataError as e:
+            raise DataError(f"{e}; or pass --no-eval to purify without the before/after evaluation") from None
     clean = _clean_set(args, model, meta)
-    print(f"purifying {_model_label(args)} with {args.method} on {len(clean)} clean images", file=sys.stderr)
+    ds_meta = meta.get("dataset") or {}
+    what = "images" if not ds_meta or "image_shape" in ds_meta else "items"  # no record: your own image model
+    print(f"purifying {_model_label(args)} with {args.method} on {len(clean)} clean {what}", file=sys.stderr)
 
     def log(rec: dict[str, Any]) -> None:
         terms = "  ".join(f"{k} {rec[k]:.4f}" for k in ("ce", "trf", "noise", "anchor") if k in rec)
@@ -304,7 +337,7 @@ def cmd_purify(args) -> int:
         rows = [{"model": "before", **report["before"]}, {"model": "after", **report["after"]}]
         if report["der"] is not None:
             rows[1]["der"] = report["der"]
-        print(format_table(rows, ["model", "acc", "asr", "lcr", "der"]))
+        print(format_table(rows, ["model", *metric_columns(report["before"]), "der"]))
     drop = ("arch", "arch_kwargs", "history") if getattr(purified, "fipurify_spec", None) else ("history",)
     new_meta = {k: v for k, v in meta.items() if k not in drop}
     new_meta["purification"] = {k: v for k, v in report.items() if k != "history"}
@@ -396,12 +429,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a clean or backdoored model")
     t.add_argument("--dataset", default="cifar10",
-                   help="dataset to train on: cifar10, gtsrb, synthetic (default: %(default)s)")
+                   help="dataset to train on: cifar10, gtsrb, synthetic; point clouds modelnet10, modelnet-off, "
+                        "modelnet-h5; translation multi30k; multi-label cifar10-mosaic; video cifar10-motion "
+                        "(default: %(default)s)")
+    t.add_argument("--dataset-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the dataset's loader (JSON value), repeatable, recorded in the model file, "
+                        "e.g. num_points=256 (modelnet10), size=2000 (cifar10-mosaic, cifar10-motion), "
+                        "vocab_size=8000 (multi30k) (default: none)")
     _add_data_args(t)
     _add_device_arg(t)
     from .models import available
     t.add_argument("--arch", default="preactresnet18",
                    help=f"architecture: {', '.join(available())} (default: %(default)s)")
+    t.add_argument("--arch-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the architecture (JSON value), repeatable, e.g. d_model=128 layers=2 "
+                        "(transformer-mt), hidden=64 (cnn-lstm) (default: none)")
     t.add_argument("--width", type=int, default=None,
                    help="width multiplier base (preactresnet18: 64 = paper) (default: the architecture's own, "
                         "64 for preactresnet18)")

@@ -1,5 +1,8 @@
 """Clean accuracy (ACC), attack success rate (ASR), label-correction rate (LCR) and DER.
 
+:func:`evaluate` measures a classifier; :func:`evaluate_task` any task's metrics (mAP,
+BLEU) in the same result format.
+
 All rates are fractions in [0, 1]. ASR and LCR are measured on a backdoor test set:
 triggered test images whose true class is not the attack's target (all-to-one), each
 labelled with the attack's target; it must expose ``true_labels`` for LCR.
@@ -73,6 +76,47 @@ def evaluate(model: nn.Module, clean_test: Dataset, backdoor_test: Dataset | Non
     return result
 
 
+def evaluate_task(model: nn.Module, clean_test: Dataset, backdoor_test: Dataset | None = None,
+                  task: Any = None, batch_size: int = 256) -> dict[str, Any]:
+    """The metrics of ``model`` for its task (``task``, else the clean test set's own).
+
+    Every result has ``acc`` (the task's clean metric), ``asr``, ``lcr``, ``n_clean`` and
+    ``n_backdoor``, so DER and the result tables apply to every task; other tasks add
+    ``metric`` (the name of ``acc``) and their own names:
+
+    * single-label classification (images, point clouds, video clips): exactly :func:`evaluate`
+      (accuracy, ASR, LCR; no ``metric`` key, the format classifiers always had);
+    * multi-label classification: ``mAP`` (= ``acc``) on the clean test set, and the
+      backdoor test set's ``attack_success_rate`` (thresholded outputs showing the attacker's
+      outcome on the attacked classes) as ``asr``; no LCR;
+    * translation: ``CT`` (BLEU/100 on the clean test set, = ``acc``), ``AT`` (BLEU/100 of the
+      triggered sources against the attacker's sentence) and ``ASR`` (share of triggered
+      translations containing it, = ``asr``); see
+      :func:`fipurify.tasks.translation.backdoor_metrics`.
+    """
+    from .tasks import Classification, task_of
+
+    task = task if task is not None else task_of(clean_test)
+    if isinstance(task, Classification):
+        return evaluate(model, clean_test, backdoor_test, batch_size)
+    result: dict[str, Any] = {"acc": None, "asr": None, "lcr": None, "n_clean": int(len(clean_test)),
+                              "n_backdoor": 0 if backdoor_test is None else int(len(backdoor_test)),
+                              "metric": task.metric}
+    if task.name == "translation":
+        from .tasks.translation import backdoor_metrics
+        m = backdoor_metrics(model, clean_test, backdoor_test, batch_size, task=task)
+        result.update(m, acc=m["CT"], asr=m.get("ASR"))
+        return result
+    result["acc"] = result[task.metric] = task.score(model, clean_test, batch_size)
+    if backdoor_test is not None:
+        rate = getattr(backdoor_test, "attack_success_rate", None)
+        if rate is None:
+            raise DataError(f"the {task.name} backdoor test set has no attack_success_rate(model); build it "
+                            "with attack.backdoor_test_set()")
+        result["asr"] = float(rate(model, batch_size=batch_size))
+    return result
+
+
 def defense_effectiveness_rate(before: dict[str, float], after: dict[str, float]) -> float:
     """DER = [max(0, ASR drop) - max(0, ACC drop) + 1] / 2, in [0, 1] (higher is better)."""
     d_asr = before["asr"] - after["asr"]
@@ -81,8 +125,8 @@ def defense_effectiveness_rate(before: dict[str, float], after: dict[str, float]
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A Markdown table; rates (acc, asr, lcr, der, *_acc) are shown as percentages."""
-    rate_cols = {"acc", "asr", "lcr", "der"}
+    """A Markdown table; rates (acc, asr, lcr, der, mAP, CT, AT, ASR, *_acc) are shown as percentages."""
+    rate_cols = {"acc", "asr", "lcr", "der", "mAP", "CT", "AT", "ASR"}
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = []

@@ -244,9 +244,10 @@ def train(model_cfg: dict[str, Any], model_key: str, cache: str | Path, *, data_
         seed = int(model_cfg["seed"])
         bundle = load_bundle(model_cfg["data"], seed, data_root)
         attack = make_attack(model_cfg["attack"], seed)
-        n_classes = bundle.dataset_info["num_classes"]
-        if attack is not None and not 0 <= attack.target < n_classes:
-            raise ConfigError(f"attack target {attack.target} is out of range for {n_classes} classes")
+        n_classes = bundle.dataset_info.get("num_classes")
+        target = getattr(attack, "target", None)  # a class index; a sentence for the trigger-word attack
+        if attack is not None and n_classes is not None and isinstance(target, int) and not 0 <= target < n_classes:
+            raise ConfigError(f"attack target {target} is out of range for {n_classes} classes")
         cfg = make_train_config(model_cfg["training"], seed)
         m = model_cfg["model"]
         if device.startswith("cuda"):
@@ -355,6 +356,8 @@ def purify(run_config: dict[str, Any], path: Path, *, data_root: str | None = No
                "train_epoch_seconds": (meta.get("bench") or {}).get("epoch_seconds"),
                "purify_wall_seconds": meter.wall, "n_clean": len(clean), "model_file": str(path),
                "val_before": val_before, "n_test": after.get("n_clean"), "n_backdoor": after.get("n_backdoor")}
+    if after.get("metric") is not None:  # a task with its own metrics (mAP; CT, AT BLEU): all of them
+        details["metrics_after"] = {k: v for k, v in after.items() if not k.startswith("n_")}
     return {**model_row(meta), "acc": after["acc"], "asr": after["asr"], "lcr": after["lcr"], "der": result.der,
             "val_acc": val_acc, "purify_seconds": _reported_seconds(secs, meter.wall),
             "purify_epoch_seconds": _mean([h["seconds"] for h in hist if "seconds" in h]),
@@ -380,10 +383,10 @@ def clean_validation_set(reserve, clean_idx, seed: int):
 
 
 def _accuracy(model, data) -> float:
-    from ..metrics import accuracy, predict
+    """The clean metric of ``data``'s task (accuracy for classifiers, mAP, BLEU/100)."""
+    from ..tasks import task_of
 
-    preds, labels = predict(model, data)
-    return accuracy(preds, labels)
+    return task_of(data).score(model, data)
 
 
 class OracleSet:

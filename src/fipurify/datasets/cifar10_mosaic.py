@@ -79,6 +79,11 @@ class MultiLabelArrayDataset(Dataset):
         img = torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div_(255.0)
         return img, torch.from_numpy(self.labels[index].astype(np.float32))
 
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> "MultiLabelArrayDataset":
+        """A new dataset holding only ``indices`` (copies the rows)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return MultiLabelArrayDataset(self.images[idx], self.labels[idx], self.classes, name or self.name)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, n={len(self)}, shape={self.image_shape})"
 

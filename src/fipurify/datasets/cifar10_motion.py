@@ -88,6 +88,11 @@ class VideoArrayDataset(Dataset):
         clip = torch.from_numpy(self.clips[index]).permute(0, 3, 1, 2).float().div_(255.0)
         return clip, int(self.labels[index])
 
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> "VideoArrayDataset":
+        """A new dataset holding only ``indices`` (copies the clips)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return VideoArrayDataset(self.clips[idx], self.labels[idx], self.classes, name or self.name)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, n={len(self)}, shape={self.clip_shape})"
 

@@ -48,6 +48,15 @@ def stratified_indices(labels: np.ndarray, k: int, rng: np.random.Generator) -> 
     return np.sort(np.concatenate(picked)) if picked else np.empty(0, dtype=np.int64)
 
 
+def strata(dataset) -> np.ndarray:
+    """The labels a split is stratified by: ``dataset.labels`` when they are one class per item;
+    otherwise (multi-hot labels, sentence pairs) one stratum, i.e. a plain seeded random draw."""
+    labels = getattr(dataset, "labels", None)
+    if labels is not None and np.ndim(labels) == 1 and len(labels) == len(dataset):
+        return np.asarray(labels, dtype=np.int64)
+    return np.zeros(len(dataset), dtype=np.int64)
+
+
 def split_reserve(dataset: ArrayDataset, reserve: int | float,
                   seed: int) -> tuple[ArrayDataset, ArrayDataset, np.ndarray]:
     """Split ``dataset`` into ``(train_part, clean_reserve, reserve_indices)``.
@@ -73,7 +82,7 @@ def split_reserve(dataset: ArrayDataset, reserve: int | float,
         raise DataError(f"cannot reserve {k} of {n} images from {dataset.name}: "
                         f"the reserve needs at least 1 and must leave at least 1 for training")
     rng = np.random.default_rng([seed, _RESERVE_STREAM])
-    reserve_idx = stratified_indices(dataset.labels, k, rng)
+    reserve_idx = stratified_indices(strata(dataset), k, rng)
     mask = np.ones(n, dtype=bool)
     mask[reserve_idx] = False
     train_idx = np.flatnonzero(mask)
@@ -99,9 +108,9 @@ def draw_clean_subset(reserve: ArrayDataset, n: int, seed: int, return_indices: 
         raise DataError(f"cannot draw {n} clean images: the reserve {reserve.name} "
                         f"holds {len(reserve)}")
     rng = np.random.default_rng([seed, _SUBSET_STREAM])
-    idx = stratified_indices(reserve.labels, int(n), rng)
+    idx = stratified_indices(strata(reserve), int(n), rng)
     subset = reserve.subset(idx, name=f"{reserve.name}-clean{int(n)}")
     return (subset, idx) if return_indices else subset
 
 
-__all__ = ["split_reserve", "indices_digest", "draw_clean_subset", "stratified_indices"]
+__all__ = ["split_reserve", "indices_digest", "draw_clean_subset", "stratified_indices", "strata"]

@@ -108,6 +108,8 @@ class MCR(BaselineDefense):
 
     name = "mcr"
     config_class = MCRConfig
+    tasks = ("classification", "multilabel-classification")
+    task_reason = "its Bezier-curve model takes one input tensor (a translation model is also fed the target)"
 
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
                 progress: bool, callback: EpochCallback | None) -> Step:
