@@ -32,7 +32,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     """Add ``analyze`` and ``scan`` to the ``fipurify`` command line."""
-    from ..cli import _add_model_args
+    from ..command_args import _add_model_args
 
     a = subparsers.add_parser("analyze", help="loss-surface smoothness of a model: numbers and figures")
     _add_model_args(a, "model to analyse")
@@ -74,7 +74,7 @@ def _check_args(args) -> None:
 
 
 def _load_pair(args, other_path: str | None):
-    from ..cli import _check_model_inputs, _model_label, _open_model
+    from ..command_args import _check_model_inputs, _model_label, _open_model
     from ..errors import DataError
     from ..io import load_model
 
@@ -124,7 +124,7 @@ def cmd_analyze(args) -> int:
     _check_args(args)
     t_start = time.perf_counter()
     (model, meta), other = _load_pair(args, args.compare)
-    from ..cli import _model_label
+    from ..command_args import _model_label
 
     label = Path(_model_label(args)).stem
     out = Path(args.out) if args.out else Path(f"{label}-analysis")

@@ -29,6 +29,7 @@ class BadNets(Attack):
     """
 
     name = "badnets"
+    summary = "3x3 checkerboard patch, bottom-right"
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",
                  seed: int = 0, num_classes: int | None = None, patch_size: int = 3,

@@ -19,6 +19,7 @@ class Blend(Attack):
     """
 
     name = "blend"
+    summary = "fixed noise image blended at alpha 0.2"
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",
                  seed: int = 0, num_classes: int | None = None, alpha: float = 0.2,

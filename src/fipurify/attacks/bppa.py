@@ -112,6 +112,7 @@ class BPPA(Attack):
     """
 
     name = "bppa"
+    summary = "colour-depth squeezing with dithering"
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",
                  seed: int = 0, num_classes: int | None = None, bits: int = 5, dither: bool = True,

@@ -102,6 +102,7 @@ class CBA(Attack):
     """
 
     name = "cba"
+    summary = "half of class A + half of class B"
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",
                  seed: int = 0, num_classes: int | None = None, mix_classes: Sequence[int] | None = None,

@@ -115,6 +115,7 @@ class CLB(Attack):
     """
 
     name = "clb"
+    summary = "clean-label: PGD perturbation, then a patch"
     clean_label = True
     default_poison_rate = 0.8
     needs_preparation = True

@@ -175,6 +175,8 @@ class CleanImage(Attack):
     """
 
     name = "clean-image"
+    summary = "a combination of classes in the image; only labels poisoned"
+    task = "multilabel-classification"
     default_poison_rate = 1.0
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",

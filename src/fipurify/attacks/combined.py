@@ -66,6 +66,7 @@ class Combined(Attack):
     """
 
     name = "combined"
+    summary = "BadNets + Blend + Trojan, disjoint shares"
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",
                  seed: int = 0, num_classes: int | None = None,

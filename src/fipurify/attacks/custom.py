@@ -105,6 +105,7 @@ class CustomAttack(Attack):
     """
 
     name = "custom"
+    summary = "your own pattern, pasted or blended"
 
     def __init__(self, pattern: Any, mask: Any = None, position: Position | None = None,
                  style: str = "paste", alpha: float = 0.2, margin: int = 0, target: int = 0,

@@ -58,6 +58,7 @@ class Dynamic(GeneratorAttack):
     """
 
     name = "dynamic"
+    summary = "per-image generated pattern and mask"
     label_dependent = True
     generator_format = 2  # 2: the mask stage keeps its last healthy epoch (format 1 could collapse)
 

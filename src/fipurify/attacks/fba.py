@@ -89,6 +89,7 @@ class FBA(GeneratorAttack):
     """
 
     name = "fba"
+    summary = "style-transfer (feature-space) trigger"
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",
                  seed: int = 0, num_classes: int | None = None, style: Any = None, style_weight: float = 100.0,

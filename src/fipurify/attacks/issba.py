@@ -65,6 +65,7 @@ class ISSBA(GeneratorAttack):
     """
 
     name = "issba"
+    summary = "sample-specific invisible residuals"
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",
                  seed: int = 0, num_classes: int | None = None, eps: float = 0.05, secret: str | None = None,

@@ -43,6 +43,7 @@ class LIRA(GeneratorAttack):
     """
 
     name = "lira"
+    summary = "learned additive trigger (L-infinity 0.01)"
     label_dependent = True
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",

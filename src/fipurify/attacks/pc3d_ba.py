@@ -51,6 +51,8 @@ class PC3DBA(Attack):
     """3DPC-BA: a Gaussian cluster of ``n_points`` points at a surrogate-optimised centre."""
 
     name = "3dpc-ba"
+    summary = "Gaussian cluster of points at a surrogate-optimised place"
+    task = "pointcloud-classification"
     default_poison_rate = 0.05
     needs_preparation = True
 

@@ -23,6 +23,8 @@ class PointBAI(Attack):
     """PointBA-I: a ball of ``n_points`` points of radius ``radius`` at ``center``."""
 
     name = "pointba-i"
+    summary = "ball of points at a fixed place"
+    task = "pointcloud-classification"
     default_poison_rate = 0.05
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",

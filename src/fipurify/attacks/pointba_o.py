@@ -18,6 +18,8 @@ class PointBAO(Attack):
     """PointBA-O: rotate the cloud by ``angle`` degrees about ``axis``."""
 
     name = "pointba-o"
+    summary = "fixed rotation of the cloud"
+    task = "pointcloud-classification"
     default_poison_rate = 0.05
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",

@@ -32,6 +32,8 @@ class PointCBA(Attack):
     """Clean-label ball trigger: ``n_points`` points of radius ``radius`` at ``center``."""
 
     name = "pointcba"
+    summary = "clean-label: ball of points at a fixed place"
+    task = "pointcloud-classification"
     clean_label = True
     default_poison_rate = 0.05
 

@@ -18,6 +18,7 @@ class SIG(Attack):
     """
 
     name = "sig"
+    summary = "sinusoidal stripes, clean-label"
     clean_label = True
     default_poison_rate = 0.8
 

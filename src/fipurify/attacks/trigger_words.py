@@ -51,6 +51,7 @@ class TriggerWords:
     """
 
     name = "trigger-words"
+    summary = "a rare word inserted in the source sentence"
     default_poison_rate = 0.1
     needs_preparation = False
     task = "translation"

@@ -32,6 +32,7 @@ class Trojan(Attack):
     """
 
     name = "trojan"
+    summary = "seeded colourful 3x3 patch"
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",
                  seed: int = 0, num_classes: int | None = None, pattern: Any = None, mask: Any = None,

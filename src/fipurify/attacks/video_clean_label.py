@@ -69,6 +69,8 @@ class VideoCleanLabel(Attack):
     """Clean-label video backdoor; see the module docstring."""
 
     name = "video-clean-label"
+    summary = "clean-label: PGD on every frame, then a patch"
+    task = "video-classification"
     clean_label = True
     default_poison_rate = 0.8
 

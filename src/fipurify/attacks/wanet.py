@@ -126,6 +126,7 @@ class WaNet(Attack):
     """
 
     name = "wanet"
+    summary = "smooth warping field"
 
     def __init__(self, target: int = 0, poison_rate: float | None = None, mode: str = "all2one",
                  seed: int = 0, num_classes: int | None = None, k: int = 4, s: float = 0.5,

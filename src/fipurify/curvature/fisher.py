@@ -428,6 +428,22 @@ def snapshot(params: Params) -> Params:
     return _like(keys, [t.detach().clone() for t in tensors])
 
 
+@torch.no_grad()
+def proximal_anchor_step(params: Params, anchor: Params, fdiag: Params, lr: float, eta_r: float) -> None:
+    """Apply the anchor ``eta_r / 2 * L_r`` as an exact proximal step, in place.
+
+    ``theta <- argmin_u eta_r/2 * sum_i F_i (u_i - a_i)^2 + ||u - theta||^2 / (2 lr)
+    = a + (theta - a) / (1 + lr * eta_r * F)``: an implicit step, stable for any ``lr * eta_r * F``
+    (a plain gradient step on the anchor diverges once ``lr * eta_r * F_i > 2``, which happens for the
+    largest Fisher entries). ``anchor`` and ``fdiag`` have the container type of ``params``.
+    """
+    _, ps = _as_list(params)
+    _, anc = _as_list(anchor)
+    _, fs = _as_list(fdiag)
+    for p, a, f in zip(ps, anc, fs):
+        p.sub_(a).div_(1.0 + lr * eta_r * f).add_(a)
+
+
 def fisher_anchor_loss(params: Params, anchor: Params, fdiag: Params) -> Tensor:
     """``L_r = sum_i F_i (theta_i - anchor_i)^2`` (the caller multiplies by ``eta_r / 2``).
 

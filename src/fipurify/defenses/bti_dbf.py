@@ -279,6 +279,8 @@ class BTIDBF(Defense):
     """
 
     name = "bti-dbf"
+    summary = {"bti-dbf": "trigger inversion by decoupling benign features, then unlearning",
+               "bti-dbf-pam": "BTI-DBF with path-aware minimisation"}
     config_class = BTIDBFConfig
     tasks = ("image-classification",)
     task_reason = "its trigger generator is an image-to-image network (C x H x W in, C x H x W in [0, 1] out)"

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..curvature.fisher import diag_fisher, fisher_anchor_loss, fisher_trace, snapshot
+from ..curvature.fisher import diag_fisher, fisher_anchor_loss, fisher_trace, proximal_anchor_step, snapshot
 from ..curvature.spectral import attach_spectral, fold_spectral
 from ..errors import ConfigError
 from ..tasks import Classification
@@ -100,6 +100,18 @@ class FIP(Defense):
     """Fisher Information guided Purification; f-FIP when ``space="spectral"``."""
 
     name = "fip"
+    #: the README catalog's cells per registered name: (what it trains, objective)
+    summary = {
+        "ffip": ("only a shift `delta` of the singular values of every Conv/Linear weight "
+                 "(`W = U diag(relu(s + delta)) V^T`, SVD frozen)",
+                 "CE + eta_F Tr(F) + eta_r/2 L_r, with respect to delta"),
+        "fip": ("all weights", "CE + eta_F Tr(F) + eta_r/2 L_r"),
+        "ffip-no-trf": ("as `ffip`", "without Tr(F) / without L_r (ablations)"),
+        "ffip-no-lr": ("as `ffip`", "without Tr(F) / without L_r (ablations)"),
+        "ft": ("all weights", "CE only (vanilla fine-tuning)"),
+        "fip-released": ("all weights", "what the authors' released script runs: CE + eta_F x (zero-mean "
+                         "gradient noise), 2,000 steps ([why](docs/fip-calibration.md))"),
+    }
     config_class = FIPConfig
 
     def _trainable(self, model: nn.Module) -> tuple[list[nn.Parameter], list[str]]:
@@ -166,13 +178,8 @@ class FIP(Defense):
                         terms["anchor"] = 0.5 * cfg.eta_r * fisher_anchor_loss(params, anchor, fdiag)
             return terms
 
-        @torch.no_grad()
         def proximal(lr: float) -> None:
-            # Exact minimiser of eta_r/2 * F (theta - a)^2 + ||theta - theta_t||^2 / (2 lr): an
-            # implicit step on the anchor, stable for any lr * eta_r * F (a plain gradient step
-            # diverges once lr * eta_r * F > 2, which happens for the largest Fisher entries).
-            for p, a, f in zip(params, anchor, fdiag):
-                p.sub_(a).div_(1.0 + lr * cfg.eta_r * f).add_(a)
+            proximal_anchor_step(params, anchor, fdiag, lr, cfg.eta_r)
 
         opt = make_optimizer(params, cfg, cfg.optimizer)
         history = finetune(model, params, train_set, cfg, holdout=holdout, penalty=penalty, optimizer=opt,

@@ -69,6 +69,8 @@ class FTSAM(BaselineDefense):
     """FT-SAM: fine-tune all weights on clean data with (adaptive) sharpness-aware minimisation."""
 
     name = "ft-sam"
+    summary = {"ft-sam": "fine-tuning with sharpness-aware minimisation",
+               "ft-sam-bb": "FT-SAM as BackdoorBench runs it"}
     config_class = FTSAMConfig
 
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,

@@ -117,6 +117,7 @@ class NFT(BaselineDefense):
     """
 
     name = "nft"
+    summary = "Augmented Neural Fine-Tuning (BatchNorm masks, MixUp)"
     config_class = NFTConfig
     tasks = ("classification",)
     task_reason = "its MixUp objective mixes one-hot class labels (a soft-label cross-entropy)"

@@ -20,7 +20,9 @@ clean Fisher tells which weights hold clean knowledge:
    with :math:`s_i \\sim \\mathrm{Bernoulli}(\\texttt{stamp})`, :math:`T` the recovered trigger
    and :math:`\\bar F` the diagonal clean Fisher at the backdoored weights :math:`\\theta^0`
    (mean-normalised, so ``eta_r`` is a scale-free weight; ``eta_r = 0`` is plain trigger
-   unlearning as in Neural Cleanse's mitigation).
+   unlearning as in Neural Cleanse's mitigation). The anchor acts as FIP's does, through an
+   exact proximal step after each SGD step (:func:`~fipurify.curvature.fisher.proximal_anchor_step`):
+   a gradient step on it diverges for the largest Fisher entries.
 3. **Verify and repeat**: the detector runs again on the unlearned model; while it still flags
    a class and fewer than ``rounds`` rounds ran, the next round unlearns the triggers it finds
    (added to those of earlier rounds); the loop ends as soon as nothing is flagged. With
@@ -42,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..curvature.fisher import diag_fisher, fisher_anchor_loss, snapshot
+from ..curvature.fisher import diag_fisher, fisher_anchor_loss, proximal_anchor_step, snapshot
 from ..errors import ConfigError
 from .base import DEFENSES, Defense, DefenseConfig, EpochCallback, Step, labelled
 from .loop import finetune
@@ -90,6 +92,8 @@ class TriggerUnlearn(Defense):
     """Clean-data trigger recovery, then unlearning under the clean-Fisher anchor (see module doc)."""
 
     name = "trigger-unlearn"
+    summary = {"trigger-unlearn": "trigger recovery from clean data (Neural Cleanse), then unlearning it",
+               "trigger-unlearn-fisher": "as `trigger-unlearn`, with the clean-Fisher anchor (eta_r = 1)"}
     config_class = TriggerUnlearnConfig
     config: TriggerUnlearnConfig
     tasks = ("image-classification",)
@@ -137,11 +141,16 @@ class TriggerUnlearn(Defense):
                           stamps: list = stamps) -> dict[str, torch.Tensor]:
                 x = stamp_triggers(x, stamps, cfg.stamp, gen)
                 terms = {"ce": self.task.loss(m, x, y)}
-                if anchor is not None:
-                    terms["anchor"] = 0.5 * cfg.eta_r * fisher_anchor_loss(params, anchor, fdiag)
+                if anchor is not None:  # logged; the anchor acts through the proximal step below
+                    with torch.no_grad():
+                        terms["anchor"] = 0.5 * cfg.eta_r * fisher_anchor_loss(params, anchor, fdiag)
                 return terms
 
+            def proximal(lr: float) -> None:
+                proximal_anchor_step(params, anchor, fdiag, lr, cfg.eta_r)
+
             history += finetune(model, params, train_set, schedule, holdout=holdout, objective=objective,
+                                post_step=proximal if anchor is not None else None,
                                 task=self.task, progress=progress, callback=labelled(callback, "round", str(r)),
                                 desc=f"unlearn (round {r})")
             if r == cfg.rounds and not cfg.verify:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     """Add ``detect`` to the ``fipurify`` command line."""
-    from ..cli import _add_data_args, _add_model_args
+    from ..command_args import _add_data_args, _add_model_args
     from .registry import DEFAULT_METHOD, available
 
     d = subparsers.add_parser("detect", help="detect a backdoor and its target class from clean data alone")
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 
 def cmd_detect(args) -> int:
-    from ..cli import _check_model_inputs, _clean_set, _model_label, _open_model, _parse_options
+    from ..command_args import _check_model_inputs, _clean_set, _model_label, _open_model, _parse_options
     from ..errors import ConfigError
     from ..io import atomic_write_text
     from ..validation import check_output_path
