@@ -157,6 +157,7 @@ class TriggerUnlearn(Defense):
                 break
         return Step(model, history, sum(p.numel() for p in params) if history else 0, seconds,
                     {"rounds": rounds, "augmentation": augmentation, "unlearned_targets": sorted(triggers),
+                     "replayed_proxy_asr": _replayed(model, triggers, holdout),
                      "triggers": {c: t.summary() for c, t in triggers.items()}})
 
     @staticmethod
@@ -201,6 +202,25 @@ def augmentations_kept(model: nn.Module, data: Dataset, tolerance: float, seed: 
     acc = {k: v / max(n, 1) for k, v in hits.items()}
     return {"augment": acc["crop"] >= acc["plain"] - tolerance, "flip": acc["flip"] >= acc["plain"] - tolerance,
             "accuracy": acc}
+
+
+def _replayed(model: nn.Module, triggers: dict[int, Any], holdout: Dataset | None) -> dict[int, float]:
+    """For each unlearned class, the share of hold-out clean images of the *other* classes that the
+    returned model sends to it under the trigger recovered before unlearning (a proxy ASR measured on
+    images neither the detector nor the fine-tuning saw). The detector's own proxy ASR after purifying
+    is not this figure: it re-optimises a trigger, and stops at its flip-rate target (90 %) for any class."""
+    if holdout is None or not triggers:
+        return {}
+    from ..detection import flip_rate
+
+    xs, ys = zip(*(holdout[i] for i in range(len(holdout))))
+    x, y = torch.stack(list(xs)), torch.as_tensor([int(v) for v in ys])
+    was = model.training
+    model.eval()
+    try:
+        return {c: flip_rate(model, t, x[y != c], c) for c, t in triggers.items()}
+    finally:
+        model.train(was)
 
 
 def stamp_triggers(x: torch.Tensor, triggers: list, share: float, gen: torch.Generator) -> torch.Tensor:
