@@ -10,7 +10,7 @@ Public entry points::
     fipurify.detect(model, clean_data, method="neural-cleanse", **options) -> DetectionReport
     fipurify.save_model(model, path, metadata) / fipurify.load_model(path)
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .io import load_model, save_model  # noqa: E402
 

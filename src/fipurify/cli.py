@@ -199,7 +199,7 @@ def cmd_purify(args) -> int:
 
 def cmd_import(args) -> int:
     """Wrap a model given as architecture + weights into a fipurify model file with its metadata."""
-    from . import __version__
+    from .version import __version__
     from .io import save_model
     from .workflow import probe_model
 
@@ -270,7 +270,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     p = argparse.ArgumentParser(prog="fipurify", description="Remove backdoors from trained PyTorch models.")
     p.add_argument("--version", action="version", version=f"fipurify {__version__}")

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, attacks, datasets, models
+from . import attacks, datasets, models
+from .version import __version__
 from .datasets.base import ArrayDataset
 from .errors import ConfigError, DataError, FipurifyError
 from .metrics import evaluate_task

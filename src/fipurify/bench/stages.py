@@ -61,7 +61,7 @@ def environment(device: str, threads: int | None) -> dict[str, Any]:
     """Versions, host and device of this process, for the results row."""
     import torch
 
-    from .. import __version__
+    from ..version import __version__
 
     dev = device
     if device.startswith("cuda") and torch.cuda.is_available():
