@@ -212,8 +212,10 @@ def test_teacher_forcing_shift_and_padding_ignored():
 def test_transformer_masks_padding_on_both_sides(pairs):
     task, model = Translation(), _tiny_model(pairs.tokenizer.vocab_size).eval()
     items = [pairs[i] for i in range(6)]
-    order = sorted(range(6), key=lambda i: len(items[i][0]) + len(items[i][1]))
-    short = order[0]
+    # plus a pair cut to BOS, one token, EOS on both sides: shorter than every other, so padded on both
+    a, b = items[0]
+    items.append((torch.cat([a[:2], a[-1:]]), torch.cat([b[:2], b[-1:]])))
+    short = len(items) - 1
     x, y = pad_pairs(items)
     assert (x[short] == PAD_ID).any() and (y[short] == PAD_ID).any()
     with torch.no_grad():
@@ -221,7 +223,7 @@ def test_transformer_masks_padding_on_both_sides(pairs):
         alone = task.per_sample_loss(task.forward(model, items[short][0][None], items[short][1][None]), items[short][1][None])
     torch.testing.assert_close(batch[short], alone[0], atol=1e-4, rtol=1e-4)
     out = model(x, y[:, :-1])
-    assert out.shape == (6, y.size(1) - 1, pairs.tokenizer.vocab_size)
+    assert out.shape == (len(items), y.size(1) - 1, pairs.tokenizer.vocab_size)
     assert model.embedding.weight is not None and model.fipurify_spec["arch"] == "transformer-mt"
 
 
