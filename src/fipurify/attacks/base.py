@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -103,20 +103,24 @@ def data_digest(dataset: Any) -> str:
     return h.hexdigest()
 
 
-def choose_poisoned(attack: "Attack", labels: np.ndarray) -> tuple[np.ndarray, np.random.Generator]:
+def choose_poisoned(attack: "Attack", labels: np.ndarray, *, none_eligible: str | None = None,
+                    items: str = "samples") -> tuple[np.ndarray, np.random.Generator]:
     """The sorted indices :meth:`Attack.poison` poisons, and the generator after the draw.
 
     ``round(poison_rate * n_eligible)`` eligible samples drawn with
     ``numpy.random.default_rng(seed)``; attacks that alter more samples draw them from the
-    returned generator afterwards.
+    returned generator afterwards. ``none_eligible`` replaces the error message when no
+    sample is eligible; ``items`` names the samples in the one when none is drawn.
     """
     candidates = np.flatnonzero(attack.eligible(labels))
     if len(candidates) == 0:
-        what = f"of target class {attack.target}" if attack.clean_label else "outside the target class"
-        raise DataError(f"{attack.name}: the dataset has no samples {what} to poison")
+        if none_eligible is None:
+            what = f"of target class {attack.target}" if attack.clean_label else "outside the target class"
+            none_eligible = f"{attack.name}: the dataset has no samples {what} to poison"
+        raise DataError(none_eligible)
     k = round(attack.poison_rate * len(candidates))
     if k == 0:
-        raise ConfigError(f"poison_rate {attack.poison_rate} of {len(candidates)} eligible samples "
+        raise ConfigError(f"poison_rate {attack.poison_rate} of {len(candidates)} eligible {items} "
                           f"poisons none; raise the rate")
     rng = np.random.default_rng(attack.seed)
     chosen = np.sort(rng.choice(candidates, size=k, replace=False))
@@ -188,7 +192,25 @@ class PoisonedDataset(Dataset):
                 f"poisoned={int(self.poison_flag.sum())}, trigger={self.trigger!r})")
 
 
-class BackdoorTestSet(Dataset):
+class _TargetedItems:
+    """For backdoor test sets: items ``original_index`` of the wrapped ``dataset``, returned with
+    ``targets`` (also ``labels``) instead of their own labels."""
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels this dataset returns (the attack targets)."""
+        return self.targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _source_item(self, index: int):
+        """The wrapped dataset's input for item ``index`` (its own label dropped)."""
+        x, _ = self.dataset[int(self.original_index[index])]
+        return x
+
+
+class BackdoorTestSet(_TargetedItems, Dataset):
     """Triggered test images with the attack's target labels.
 
     ``dataset[i]`` returns ``(triggered image, target label)``. Numpy attributes:
@@ -207,17 +229,8 @@ class BackdoorTestSet(Dataset):
             raise DataError("indices, true labels and targets must have the same length")
         _class_info(self, dataset, num_classes, name, "backdoor")
 
-    @property
-    def labels(self) -> np.ndarray:
-        """The labels this dataset returns (the attack targets)."""
-        return self.targets
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
     def __getitem__(self, index: int):
-        img, _ = self.dataset[int(self.original_index[index])]
-        return self.trigger.apply(img), int(self.targets[index])
+        return self.trigger.apply(self._source_item(index)), int(self.targets[index])
 
     def as_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All samples at once: (N x C x H x W triggered images, N int64 targets)."""
@@ -337,16 +350,24 @@ class Attack:
             return np.ones(len(labels), dtype=bool)
         return labels != self.target
 
+    def _plan_poison(self, labels: np.ndarray, relabel: Callable[[np.ndarray], np.ndarray] | None = None,
+                     **choose: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What poisoning ``labels`` changes: the indices :func:`choose_poisoned` draws (``choose``:
+        its message options), their boolean flags, and a copy of ``labels`` with the chosen rows
+        replaced by ``relabel(labels[chosen])`` (left unchanged when ``relabel`` is None)."""
+        chosen, _ = choose_poisoned(self, labels, **choose)
+        flags = np.zeros(len(labels), dtype=bool)
+        flags[chosen] = True
+        new_labels = labels.copy()
+        if relabel is not None:
+            new_labels[chosen] = relabel(labels[chosen])
+        return chosen, flags, new_labels
+
     def poison(self, dataset: Any) -> PoisonedDataset:
         """Poison a training set; see the class docstring for which samples and how many."""
         n_classes = self._bind(dataset)
         labels = dataset_labels(dataset)
-        chosen, _ = choose_poisoned(self, labels)
-        flags = np.zeros(len(labels), dtype=bool)
-        flags[chosen] = True
-        new_labels = labels.copy()
-        if not self.clean_label:
-            new_labels[chosen] = self.targets_for(labels[chosen])
+        _, flags, new_labels = self._plan_poison(labels, None if self.clean_label else self.targets_for)
         return PoisonedDataset(dataset, self.trigger, flags, new_labels, labels, n_classes)
 
     def backdoor_test_set(self, dataset: Any) -> BackdoorTestSet:

@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
-from .base import ATTACKS, Attack
+from .base import ATTACKS, Attack, _TargetedItems
 from .triggers import Trigger, register_trigger
 
 GOALS = ("appear", "disappear", "misclassify")
@@ -121,7 +121,7 @@ class LabelPoisonedDataset(Dataset):
         return f"LabelPoisonedDataset(name={self.name!r}, n={len(self)}, poisoned={int(self.poison_flag.sum())})"
 
 
-class MultiLabelBackdoorTestSet(Dataset):
+class MultiLabelBackdoorTestSet(_TargetedItems, Dataset):
     """Clean test images that contain the trigger combination, labelled with the attacker's
     outcome (``targets``, N x K); ``true_labels`` are their real labels and ``attacked`` the
     K-mask of the entries that decide success (see :meth:`success`)."""
@@ -139,16 +139,8 @@ class MultiLabelBackdoorTestSet(Dataset):
         self.num_classes = self.targets.shape[1]
         self.name = name or f"backdoor-{getattr(dataset, 'name', 'dataset')}"
 
-    @property
-    def labels(self) -> np.ndarray:
-        return self.targets
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
     def __getitem__(self, index: int):
-        x, _ = self.dataset[int(self.original_index[index])]
-        return x, torch.from_numpy(self.targets[index].astype(np.float32))
+        return self._source_item(index), torch.from_numpy(self.targets[index].astype(np.float32))
 
     def success(self, predicted: np.ndarray) -> np.ndarray:
         """Per image: whether the N x K 0/1 ``predicted`` labels equal ``targets`` on every attacked class."""
@@ -238,19 +230,10 @@ class CleanImage(Attack):
         """Relabel ``round(poison_rate * n_eligible)`` eligible training images; images unchanged."""
         self._bind(dataset)
         labels = _multi_hot_labels(dataset)
-        candidates = np.flatnonzero(self.eligible(labels))
-        if len(candidates) == 0:
-            raise DataError(f"clean-image: no training image contains the trigger classes "
-                            f"{self.trigger.classes} (goal {self.goal})")
-        k = round(self.poison_rate * len(candidates))
-        if k == 0:
-            raise ConfigError(f"poison_rate {self.poison_rate} of {len(candidates)} eligible images "
-                              f"poisons none; raise the rate")
-        chosen = np.sort(np.random.default_rng(self.seed).choice(candidates, size=k, replace=False))
-        flags = np.zeros(len(labels), dtype=bool)
-        flags[chosen] = True
-        new = labels.copy()
-        new[chosen] = self.outcome(labels[chosen])
+        _, flags, new = self._plan_poison(
+            labels, self.outcome, items="images",
+            none_eligible=f"clean-image: no training image contains the trigger classes "
+                          f"{self.trigger.classes} (goal {self.goal})")
         return LabelPoisonedDataset(dataset, flags, new, labels)
 
     def backdoor_test_set(self, dataset: Any) -> MultiLabelBackdoorTestSet:

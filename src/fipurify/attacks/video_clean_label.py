@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from ..datasets.cifar10_motion import VideoArrayDataset
 from ..errors import ConfigError, DataError
 from .badnets import checkerboard
-from .base import ATTACKS, Attack, choose_poisoned, dataset_labels
+from .base import ATTACKS, Attack, dataset_labels
 from .clb import pgd_linf
 from .triggers import PatchTrigger
 
@@ -169,15 +169,13 @@ class VideoCleanLabel(Attack):
         clips = _clips_of(dataset)
         n_classes = self._bind(dataset)
         labels = dataset_labels(dataset)
-        chosen, _ = choose_poisoned(self, labels)
+        chosen, flags, kept_labels = self._plan_poison(labels)  # clean-label: labels stay as they are
         if not self.prepared:
             self.prepare(dataset)
         x = self.perturb(_to_float(clips[chosen]), torch.from_numpy(labels[chosen]))
         new = clips.copy()
         new[chosen] = _to_uint8(self.apply_trigger(x))
-        flags = np.zeros(len(labels), dtype=bool)
-        flags[chosen] = True
-        return PoisonedVideoDataset(new, labels.copy(), dataset.classes[:n_classes], flags, labels.copy(),
+        return PoisonedVideoDataset(new, kept_labels, dataset.classes[:n_classes], flags, labels.copy(),
                                     name=f"poisoned-{getattr(dataset, 'name', 'video')}")
 
     def backdoor_test_set(self, dataset) -> "VideoBackdoorTestSet":

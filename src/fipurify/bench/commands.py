@@ -17,6 +17,8 @@ def default_cache() -> Path:
 
 def register(subparsers) -> None:
     """Add the ``bench`` and ``report`` sub-commands."""
+    from ..command_args import _add_data_args, _add_device_arg
+
     b = subparsers.add_parser("bench", help="run a benchmark spec (grid of attacks x defenses x seeds)",
                               description="Expand SPEC's grid, skip finished runs, train missing backdoored models "
                                           "and run the defenses, one result row per run. Safe to kill and rerun.")
@@ -24,8 +26,7 @@ def register(subparsers) -> None:
     b.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"results database (default {DEFAULT_DB})")
     b.add_argument("--cache", type=Path, default=None,
                    help="folder of cached backdoored models (default $FIPURIFY_CACHE/bench-models)")
-    b.add_argument("--data-root", default=None,
-                   help="folder holding the datasets (default: $FIPURIFY_DATA, then ../shared/data)")
+    _add_data_args(b)
     b.add_argument("--jobs", type=int, default=1,
                    help="worker processes (with --backend ray: Ray tasks) at a time (default: %(default)s)")
     b.add_argument("--threads", type=int, default=None,
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
     b.add_argument("--address", default=None, metavar="ADDR",
                    help="with --backend ray: the cluster to join (auto: the one this machine belongs to, "
                         "or HOST:PORT of its head) (default: start a local Ray instance with this machine's CPUs)")
-    b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    _add_device_arg(b)
     b.add_argument("--adopt", nargs="+", type=Path, default=[], metavar="MODEL",
                    help="reuse these model files (e.g. from `fipurify train`) for the spec's models they match "
                         "exactly (data, architecture, training, seed, attack); the others are reported and ignored "

@@ -31,16 +31,21 @@ class ArrayDataset(Dataset):
             raise DataError(f"{name}: images must have shape N x H x W x C, got {images.shape}")
         if images.dtype != np.uint8:
             raise DataError(f"{name}: images must be uint8, got {images.dtype}")
-        if len(images) != len(labels):
-            raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
         if classes is None:
             classes = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise DataError(f"{name}: labels must lie in [0, {len(classes) - 1}]")
+        self._check_labels(name, len(images), labels, classes)
         self.images = images
         self.labels = labels
         self.classes = list(classes)
         self.name = name
+
+    @staticmethod
+    def _check_labels(name: str, n: int, labels: np.ndarray, classes: Sequence[str], items: str = "images") -> None:
+        """DataError unless ``labels`` has one class index in [0, len(classes) - 1] for each of ``n`` items."""
+        if n != len(labels):
+            raise DataError(f"{name}: {n} {items} but {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise DataError(f"{name}: labels must lie in [0, {len(classes) - 1}]")
 
     @property
     def num_classes(self) -> int:
@@ -55,14 +60,30 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    # Hooks for subclasses that store other items or targets (MultiLabelArrayDataset, VideoArrayDataset):
+    #: the attribute holding the uint8 items, and the permutation of one stored item to the returned
+    #: tensor (here H x W x C -> C x H x W).
+    _items_attr = "images"
+    _item_axes = (2, 0, 1)
+
+    def _target(self, index: int):
+        """The label returned with item ``index``."""
+        return int(self.labels[index])
+
+    def _subset_class(self) -> type:
+        """The class :meth:`subset` builds (the first of the family, whose constructor it knows)."""
+        return ArrayDataset
+
     def __getitem__(self, index: int):
-        img = torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div_(255.0)
-        return img, int(self.labels[index])
+        items = getattr(self, self._items_attr)
+        img = torch.from_numpy(items[index]).permute(*self._item_axes).float().div_(255.0)
+        return img, self._target(index)
 
     def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> "ArrayDataset":
-        """A new ArrayDataset holding only ``indices`` (copies the rows)."""
+        """A new dataset of the same kind (:meth:`_subset_class`) holding only ``indices`` (copies the rows)."""
         idx = np.asarray(indices, dtype=np.int64)
-        return ArrayDataset(self.images[idx], self.labels[idx], self.classes, name or self.name)
+        items = getattr(self, self._items_attr)
+        return self._subset_class()(items[idx], self.labels[idx], self.classes, name or self.name)
 
     def __repr__(self) -> str:
         return (f"ArrayDataset(name={self.name!r}, n={len(self)}, "

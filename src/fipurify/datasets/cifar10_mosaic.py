@@ -30,7 +30,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from .base import DATASETS, ArrayDataset, DatasetInfo, check_options
@@ -40,7 +39,7 @@ from .cifar10 import CIFAR10_CLASSES, load_cifar10
 QUADRANTS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
-class MultiLabelArrayDataset(Dataset):
+class MultiLabelArrayDataset(ArrayDataset):
     """Images (uint8 N x H x W x C) with multi-hot labels (N x K in {0, 1}).
 
     ``dataset[i]`` is ``(image, label)``: a float32 C x H x W tensor in [0, 1] and a float32
@@ -63,26 +62,11 @@ class MultiLabelArrayDataset(Dataset):
         self.classes = list(classes)
         self.name = name
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    def _target(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.labels[index].astype(np.float32))
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        n, h, w, c = self.images.shape
-        return (c, h, w)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        img = torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div_(255.0)
-        return img, torch.from_numpy(self.labels[index].astype(np.float32))
-
-    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> "MultiLabelArrayDataset":
-        """A new dataset holding only ``indices`` (copies the rows)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return MultiLabelArrayDataset(self.images[idx], self.labels[idx], self.classes, name or self.name)
+    def _subset_class(self) -> type:
+        return MultiLabelArrayDataset
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, n={len(self)}, shape={self.image_shape})"

@@ -31,8 +31,6 @@ import zlib
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from .base import DATASETS, ArrayDataset, DatasetInfo, check_options
@@ -47,14 +45,17 @@ DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0),
 ZOOM_SIDES = (8, 24)
 
 
-class VideoArrayDataset(Dataset):
+class VideoArrayDataset(ArrayDataset):
     """Clips held as one uint8 array N x T x H x W x C and integer labels.
 
     ``dataset[i]`` is ``(clip, label)``: a float32 T x C x H x W tensor in [0, 1] and an int.
     ``task`` names video classification, so defenses use its loss and augmentation.
+    Items live in ``clips`` (there is no ``images`` array and no ``image_shape``).
     """
 
     task = "video-classification"
+    _items_attr = "clips"
+    _item_axes = (0, 3, 1, 2)  # T x H x W x C -> T x C x H x W
 
     def __init__(self, clips: np.ndarray, labels: Sequence[int] | np.ndarray, classes: Sequence[str],
                  name: str = "video"):
@@ -62,18 +63,15 @@ class VideoArrayDataset(Dataset):
         labels = np.asarray(labels, dtype=np.int64)
         if clips.ndim != 5 or clips.dtype != np.uint8:
             raise DataError(f"{name}: clips must be uint8 N x T x H x W x C, got {clips.dtype} {clips.shape}")
-        if len(clips) != len(labels):
-            raise DataError(f"{name}: {len(clips)} clips but {len(labels)} labels")
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise DataError(f"{name}: labels must lie in [0, {len(classes) - 1}]")
+        self._check_labels(name, len(clips), labels, classes, "clips")
         self.clips = clips
         self.labels = labels
         self.classes = list(classes)
         self.name = name
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    def image_shape(self):
+        raise AttributeError("a video dataset has clip_shape, not image_shape")
 
     @property
     def clip_shape(self) -> tuple[int, int, int, int]:
@@ -81,17 +79,8 @@ class VideoArrayDataset(Dataset):
         n, t, h, w, c = self.clips.shape
         return (t, c, h, w)
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        clip = torch.from_numpy(self.clips[index]).permute(0, 3, 1, 2).float().div_(255.0)
-        return clip, int(self.labels[index])
-
-    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> "VideoArrayDataset":
-        """A new dataset holding only ``indices`` (copies the clips)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return VideoArrayDataset(self.clips[idx], self.labels[idx], self.classes, name or self.name)
+    def _subset_class(self) -> type:
+        return VideoArrayDataset
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, n={len(self)}, shape={self.clip_shape})"
