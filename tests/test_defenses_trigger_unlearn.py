@@ -69,3 +69,27 @@ def test_stamp_share_and_bad_options():
         DEFENSES.create("trigger-unlearn", stamp=0)
     with pytest.raises(ConfigError, match="rounds"):
         DEFENSES.create("trigger-unlearn", rounds=0)
+
+
+def test_shared_adversarial_unlearning_removes_a_backdoor_the_detector_misses(tiny_backdoor):
+    """fisher-unlearn with a blinded detector (nothing flagged): the shared-adversarial term alone
+    must still unlearn the backdoor; without it the same blind run returns the model unchanged
+    (test above), so this is the term's doing."""
+    blind = {"threshold": 1e9, "max_steps": 20, "refine_steps": 0}
+    before = evaluate(tiny_backdoor["model"], tiny_backdoor["test"], tiny_backdoor["backdoor_test"])
+    d = DEFENSES.create("fisher-unlearn", **{**FAST, "detector_options": blind})
+    assert (d.config.eta_r, d.config.shared_weight) == (0.3, 1.0)
+    purified = d.purify(tiny_backdoor["model"], tiny_backdoor["reserve"], progress=False)
+    after = evaluate(purified, tiny_backdoor["test"], tiny_backdoor["backdoor_test"])
+    rep = d.report
+    assert rep["rounds"][0]["flagged"] == [] and rep["unlearned_targets"] == []
+    assert len(rep["history"]) == FAST["epochs"] and all("sar" in h and "anchor" in h for h in rep["history"])
+    assert 0 < rep["ref_fooled_share"] <= 1 and 0 <= rep["shared_share"] <= rep["ref_fooled_share"]
+    assert after["asr"] < 0.3, (before, after)
+    assert after["acc"] > before["acc"] - 0.15, (before, after)
+
+
+def test_bad_shared_adversarial_options():
+    for bad in (dict(shared_weight=-1.0), dict(adv_eps=0.0), dict(adv_steps=0), dict(adv_init="nope")):
+        with pytest.raises(ConfigError):
+            DEFENSES.create("fisher-unlearn", **bad)

@@ -32,10 +32,27 @@ clean Fisher tells which weights hold clean knowledge:
 When nothing is flagged in the first round the model is returned unchanged and the report
 says so: a clean model keeps its accuracy exactly, and a backdoor the detector misses is not
 removed (the detector's limits are this method's limits; see ``docs/detection.md``).
+
+**Shared adversarial unlearning** (``shared_weight > 0``, variant ``fisher-unlearn``) removes
+that dependence on the detector. Each batch also gets SAU's term (Wei et al., NeurIPS 2023;
+:mod:`fipurify.defenses.sau`): per-sample L-inf PGD finds perturbations that fool both the
+model and a frozen copy of the backdoored model towards the same label, and the update adds
+
+.. math::
+
+   \\lambda_s \\frac{1}{B} \\sum_{i:\\, h_0(\\tilde x_i) \\notin \\{y_i, h_0(x_i)\\}} -\\log\\big(1 - p_\\theta(h_0(\\tilde x_i) \\mid \\tilde x_i)\\big),
+
+which pushes the model off the reference's adversarial label: a backdoor is a shortcut both
+models share, found whether or not a mask-shaped trigger explains it. With this term the
+first round always unlearns (a missed detection no longer means "unchanged"); the recovered
+triggers of flagged classes are still stamped, and the clean-Fisher anchor still guards
+clean knowledge. The adversarial term is evaluated with BatchNorm in eval mode (its
+perturbed images never enter the running statistics), as in SAU.
 Needs images (the triggers are pixel masks), so it applies to image classification only.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +65,7 @@ from ..curvature.fisher import diag_fisher, fisher_anchor_loss, proximal_anchor_
 from ..errors import ConfigError
 from .base import DEFENSES, Defense, DefenseConfig, EpochCallback, Step, labelled
 from .loop import finetune
+from .sau import PGD_INITS, log_one_minus_prob, shared_adversarial_examples
 
 
 @dataclass
@@ -58,7 +76,9 @@ class TriggerUnlearnConfig(DefenseConfig):
     ``eta_r``: weight of the clean-Fisher anchor (0 = off). ``rounds``: detect-unlearn rounds
     at most; ``verify``: run the detector once more after the last unlearning round (its
     verdict is the report's last ``rounds`` entry). ``detector``: a :mod:`fipurify.detection` method; ``detector_options`` its
-    options (e.g. ``{"max_steps": 50}``).
+    options (e.g. ``{"max_steps": 50}``). ``shared_weight``: weight of SAU's shared-adversarial
+    unlearning term (0 = off; > 0 also makes the first round unlearn when nothing is flagged);
+    ``adv_eps``, ``adv_steps``, ``adv_step_size``, ``adv_init``: its PGD (SAU's defaults).
     """
     epochs: int = 20
     lr: float = 0.01
@@ -71,6 +91,11 @@ class TriggerUnlearnConfig(DefenseConfig):
     detector_options: dict[str, Any] | None = None
     auto_augment: bool = True
     augment_tolerance: float = 0.05
+    shared_weight: float = 0.0
+    adv_eps: float = 0.2
+    adv_steps: int = 5
+    adv_step_size: float = 0.2
+    adv_init: str = "max"
 
     def validate(self) -> "TriggerUnlearnConfig":
         super().validate()
@@ -80,6 +105,15 @@ class TriggerUnlearnConfig(DefenseConfig):
             raise ConfigError(f"eta_r must be >= 0, got {self.eta_r}")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
             raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+        if not self.shared_weight >= 0:
+            raise ConfigError(f"shared_weight must be >= 0, got {self.shared_weight}")
+        if not 0 < self.adv_eps <= 1 or not self.adv_step_size > 0:
+            raise ConfigError(f"adv_eps must lie in (0, 1] and adv_step_size be positive, "
+                              f"got adv_eps={self.adv_eps}, adv_step_size={self.adv_step_size}")
+        if isinstance(self.adv_steps, bool) or not isinstance(self.adv_steps, int) or self.adv_steps < 1:
+            raise ConfigError(f"adv_steps must be an integer >= 1, got {self.adv_steps!r}")
+        if self.adv_init not in PGD_INITS:
+            raise ConfigError(f"adv_init must be one of {', '.join(PGD_INITS)}, got {self.adv_init!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +127,9 @@ class TriggerUnlearn(Defense):
 
     name = "trigger-unlearn"
     summary = {"trigger-unlearn": "trigger recovery from clean data (Neural Cleanse), then unlearning it",
-               "trigger-unlearn-fisher": "as `trigger-unlearn`, with the clean-Fisher anchor (eta_r = 1)"}
+               "trigger-unlearn-fisher": "as `trigger-unlearn`, with the clean-Fisher anchor (eta_r = 1)",
+               "fisher-unlearn": "as `trigger-unlearn-fisher` (eta_r = 0.3), always adding SAU's shared "
+                                 "adversarial unlearning, so a backdoor the detector misses is unlearned too"}
     config_class = TriggerUnlearnConfig
     config: TriggerUnlearnConfig
     tasks = ("image-classification",)
@@ -118,6 +154,12 @@ class TriggerUnlearn(Defense):
         if cfg.auto_augment:
             augmentation = augmentations_kept(model, train_set, cfg.augment_tolerance, cfg.seed)
         schedule = cfg.updated(**{k: augmentation[k] for k in ("augment", "flip")})
+        reference = None
+        if cfg.shared_weight > 0:  # the frozen backdoored model whose adversarial labels are unlearned
+            reference = copy.deepcopy(model).eval()
+            for p in reference.parameters():
+                p.requires_grad_(False)
+        shared_counts: list[int] = [0, 0, 0]  # examples, reference fooled, shared
         for r in range(1, cfg.rounds + 2):
             t0 = time.perf_counter()
             report = self._detect(model, train_set)
@@ -126,8 +168,8 @@ class TriggerUnlearn(Defense):
             rounds.append({"round": r, "backdoored": report.backdoored, "target": report.target,
                            "score": report.score, "proxy_asr": report.proxy_asr, "flagged": flagged,
                            "seconds": report.seconds})
-            if not flagged or r > cfg.rounds:
-                break  # nothing (left) to unlearn, or this detection was the verification
+            if r > cfg.rounds or (not flagged and (reference is None or r > 1)):
+                break  # this detection was the verification, or nothing (left) to unlearn
             for c in flagged:
                 triggers[c] = report.triggers[c]
             if cfg.eta_r > 0 and anchor is None:
@@ -139,8 +181,24 @@ class TriggerUnlearn(Defense):
 
             def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int,
                           stamps: list = stamps) -> dict[str, torch.Tensor]:
-                x = stamp_triggers(x, stamps, cfg.stamp, gen)
+                if reference is not None:
+                    sae = shared_adversarial_examples(m, reference, x, y, eps=cfg.adv_eps, steps=cfg.adv_steps,
+                                                      step_size=cfg.adv_step_size, init=cfg.adv_init,
+                                                      generator=gen)
+                    shared_counts[0] += len(x)
+                    shared_counts[1] += int(sae.ref_fooled.sum())
+                    shared_counts[2] += int(sae.shared.sum())
+                if stamps:
+                    x = stamp_triggers(x, stamps, cfg.stamp, gen)
                 terms = {"ce": self.task.loss(m, x, y)}
+                if reference is not None:
+                    was = m.training
+                    m.eval()  # the perturbed images stay out of BatchNorm's statistics
+                    logits_adv = m(sae.x_adv)
+                    m.train(was)
+                    fooled = sae.ref_fooled
+                    terms["sar"] = cfg.shared_weight * -log_one_minus_prob(
+                        logits_adv[fooled], sae.ref_pred[fooled]).sum() / len(x)
                 if anchor is not None:  # logged; the anchor acts through the proximal step below
                     with torch.no_grad():
                         terms["anchor"] = 0.5 * cfg.eta_r * fisher_anchor_loss(params, anchor, fdiag)
@@ -155,8 +213,12 @@ class TriggerUnlearn(Defense):
                                 desc=f"unlearn (round {r})")
             if r == cfg.rounds and not cfg.verify:
                 break
+        extra: dict[str, Any] = {}
+        if reference is not None:
+            n = max(shared_counts[0], 1)
+            extra = {"ref_fooled_share": shared_counts[1] / n, "shared_share": shared_counts[2] / n}
         return Step(model, history, sum(p.numel() for p in params) if history else 0, seconds,
-                    {"rounds": rounds, "augmentation": augmentation, "unlearned_targets": sorted(triggers),
+                    {**extra, "rounds": rounds, "augmentation": augmentation, "unlearned_targets": sorted(triggers),
                      "replayed_proxy_asr": _replayed(model, triggers, holdout),
                      "triggers": {c: t.summary() for c, t in triggers.items()}})
 
@@ -240,3 +302,4 @@ def stamp_triggers(x: torch.Tensor, triggers: list, share: float, gen: torch.Gen
 
 DEFENSES.register("trigger-unlearn", TriggerUnlearn)
 DEFENSES.register("trigger-unlearn-fisher", TriggerUnlearn, eta_r=1.0)
+DEFENSES.register("fisher-unlearn", TriggerUnlearn, eta_r=0.3, shared_weight=1.0)
