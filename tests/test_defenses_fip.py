@@ -80,11 +80,11 @@ def test_weights_space_trains_everything_and_ft_has_no_penalties():
 def test_bad_input_is_refused():
     model, data = _model_and_data()
     with pytest.raises(DataError, match="empty"):
-        defenses.purify(model, data.subset([]), progress=False)
+        defenses.purify(model, data.subset([]), "ffip", progress=False)
     with pytest.raises(DataError, match="at least 10"):
-        defenses.purify(model, data.subset(range(5)), progress=False)
+        defenses.purify(model, data.subset(range(5)), "ffip", progress=False)
     with pytest.raises(DataError, match="class count mismatch"):
-        defenses.purify(model, synthetic(n=20, num_classes=3, image_size=16), progress=False)
+        defenses.purify(model, synthetic(n=20, num_classes=3, image_size=16), "ffip", progress=False)
     with pytest.raises(ConfigError, match="unknown method"):
         defenses.create("nope")
     with pytest.raises(ConfigError, match="unknown option"):
@@ -93,7 +93,7 @@ def test_bad_input_is_refused():
         defenses.create("ffip", eta_f=-1)
     no_layers = nn.Sequential(nn.Flatten(), nn.Identity())
     with pytest.raises((ConfigError, DataError)):
-        defenses.purify(no_layers, data, progress=False)
+        defenses.purify(no_layers, data, "ffip", progress=False)
 
 
 class _NaNAfterFirst(torch.utils.data.Dataset):

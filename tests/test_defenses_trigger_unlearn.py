@@ -93,3 +93,20 @@ def test_bad_shared_adversarial_options():
     for bad in (dict(shared_weight=-1.0), dict(adv_eps=0.0), dict(adv_steps=0), dict(adv_init="nope")):
         with pytest.raises(ConfigError):
             DEFENSES.create("fisher-unlearn", **bad)
+
+
+def test_fisher_unlearn_runs_where_the_detector_cannot(tiny_backdoor):
+    """Two classes in the clean set: the detector's outlier test needs three, so fisher-unlearn says why
+    in its report and unlearns with the shared-adversarial term alone; trigger-unlearn has nothing
+    to act on and refuses with the detector's message."""
+    from fipurify.errors import DataError
+    reserve = tiny_backdoor["reserve"]
+    two = reserve.subset([i for i in range(len(reserve)) if int(reserve[i][1]) < 2])
+    d = DEFENSES.create("fisher-unlearn", **{**FAST, "epochs": 1})
+    out = d.purify(tiny_backdoor["model"], two, progress=False)
+    assert d.report["method"] == "fisher-unlearn"
+    assert "at least 3" in d.report["rounds"][0]["detector_skipped"] and len(d.report["history"]) == 1
+    assert any(not torch.equal(a, b) for a, b in zip(tiny_backdoor["model"].state_dict().values(),
+                                                     out.state_dict().values()))
+    with pytest.raises(DataError, match="at least 3"):
+        DEFENSES.create("trigger-unlearn", **FAST).purify(tiny_backdoor["model"], two, progress=False)

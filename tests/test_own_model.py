@@ -82,7 +82,7 @@ def test_purify_a_model_class_defined_only_in_the_test(own, capsys):
     assert rc == 0, capsys.readouterr().err
     purified, meta = fipurify.load_model(d / "p.safetensors")
     assert type(purified).__name__ == "TinyNet" and meta["arch"] == own["arch"]
-    assert meta["purification"]["method"] == "ffip"
+    assert meta["purification"]["method"] == fipurify.defenses.default_method() == "detect-unlearn"
     before = own["net"].state_dict()["conv.weight"]
     assert not torch.equal(purified.state_dict()["conv.weight"], before)
     assert (d / "p.json").exists()
@@ -100,10 +100,16 @@ def test_import_then_purify_with_class_names(own, capsys):
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x), own["net"].eval()(x))
-    make_folder(d / "sub", ["a", "c"])  # a subset of the named classes is fine
+    make_folder(d / "sub", ["a", "c"])  # a subset of the named classes is fine (for a method without a detector)
     capsys.readouterr()
-    assert main(["purify", str(d / "m.safetensors"), "--clean-dir", str(d / "sub"), *FAST,
+    assert main(["purify", str(d / "m.safetensors"), "--clean-dir", str(d / "sub"), *FAST, "--method", "ft",
                  "--out", str(d / "p.safetensors")]) == 0
+    capsys.readouterr()  # the default's detector compares classes: two are too few, said in one line, no file
+    assert main(["purify", str(d / "m.safetensors"), "--clean-dir", str(d / "sub"), *FAST,
+                 "--out", str(d / "p3.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fipurify: error:") and "fisher-unlearn" in err[-1], err
+    assert not (d / "p3.safetensors").exists()
     capsys.readouterr()
     make_folder(d / "other", ["a", "zebra"])
     assert main(["purify", str(d / "m.safetensors"), "--clean-dir", str(d / "other"), *FAST,

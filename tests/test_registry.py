@@ -2,6 +2,7 @@
 import sys
 
 import pytest
+import torch
 
 from fipurify import attacks, datasets, defenses, detection, models
 from fipurify.errors import ConfigError
@@ -82,3 +83,32 @@ def test_every_kind_uses_the_registry():
     assert defenses.METHODS is defenses.DEFENSES.table and attacks.ALIASES is attacks.ATTACKS.aliases
     assert set(defenses.available()) == set(defenses.DEFENSES.names())
     assert defenses.available_training_defenses() == ["abl", "cbd"]
+
+
+def test_the_default_method_is_chosen_per_task(monkeypatch):
+    """No method named: image classification gets the measured default, other tasks the fallback,
+    through fipurify.purify, defenses.purify and defenses.create alike."""
+    import fipurify
+    from fipurify.defenses import registry
+
+    assert defenses.default_method() == defenses.default_method("image-classification") == "detect-unlearn"
+    assert defenses.default_method("translation") == registry.FALLBACK_METHOD == "ffip"
+    assert defenses.create().method_name() == "detect-unlearn"
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_create(method, dataset=None, **options):
+        seen.append(method)
+        raise Stop
+
+    monkeypatch.setattr(defenses, "create", fake_create)
+    images = datasets.synthetic(n=8, num_classes=2, image_size=8)
+
+    class Sentences(torch.utils.data.Dataset):
+        task = "translation"
+    for data in (images, torch.utils.data.Subset(Sentences(), [])):
+        with pytest.raises(Stop):
+            fipurify.purify(None, data)
+    assert seen == ["detect-unlearn", "ffip"]

@@ -6,7 +6,7 @@ Public entry points::
     fipurify.models.create(name, num_classes=10, **kw)
     fipurify.attacks.create(name, target=0, poison_rate=0.1, **kw)
     fipurify.metrics.evaluate(model, clean_test, backdoor_test)
-    fipurify.purify(model, clean_data, method="ffip", **options)
+    fipurify.purify(model, clean_data, method=None, **options)   # None: the measured default
     fipurify.detect(model, clean_data, method="neural-cleanse", **options) -> DetectionReport
     fipurify.save_model(model, path, metadata) / fipurify.load_model(path)
 """
@@ -15,8 +15,9 @@ from .version import __version__  # noqa: E402
 from .io import load_model, save_model  # noqa: E402
 
 
-def purify(model, clean_data, method: str = "ffip", **options):
-    """Purify ``model`` on ``clean_data`` with ``method`` (see :mod:`fipurify.defenses`)."""
+def purify(model, clean_data, method: str | None = None, **options):
+    """Purify ``model`` on ``clean_data`` with ``method`` (see :mod:`fipurify.defenses`); None is the
+    default measured for the data's task (``detect-unlearn`` for image classification)."""
     from .defenses import purify as _purify
     return _purify(model, clean_data, method=method, **options)
 

@@ -104,8 +104,8 @@ def _is_fip(obj: Any) -> bool:
 
 
 def _default_method() -> str:
-    from .defenses import create
-    return inspect.signature(create).parameters["method"].default
+    from .defenses import default_method
+    return default_method()
 
 
 def fip_table(registry: Registry | None = None) -> str:
@@ -131,6 +131,7 @@ def baselines_table(registry: Registry | None = None) -> str:
     if registry is None:
         from .defenses import DEFENSES as registry
     aliases = aliases_of(registry)
+    default = _default_method()
     rows = []
     for n in registry.names():
         obj = registry[n]
@@ -138,7 +139,7 @@ def baselines_table(registry: Registry | None = None) -> str:
             continue
         method = summary(obj, n)
         tasks = getattr(obj, "tasks", None)
-        rows.append((_names_cell([n], aliases.get(n, ())),
+        rows.append((_names_cell([n], aliases.get(n, ()), "(default)" if n == default else ""),
                      method if tasks is None else f"{method}; *{_tasks_cell(tasks)}* only"))
     return table(("name", "method"), rows, per_row=3)
 

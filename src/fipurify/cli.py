@@ -151,6 +151,9 @@ def cmd_purify(args) -> int:
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     options.setdefault("seed", args.seed)
+    if args.method is None:  # the default measured for the model's task
+        from .defenses.registry import default_method
+        args.method = default_method((meta.get("dataset") or {}).get("task"))
     defense = defense_for(args.method, meta.get("dataset", {}).get("name"), **options)
     _check_task(args, defense, meta)  # before any data is read
     test_data = None
@@ -257,6 +260,7 @@ def cmd_demo(args) -> int:
                                    progress=_progress(args), log=lambda m: print("      " + m, file=sys.stderr),
                                    device=_device(args))
     clean = datasets.draw_clean_subset(bundle.reserve, min(args.clean_size, len(bundle.reserve)), args.seed)
+    args.method = args.method or defenses.default_method()
     print(f"[2/3] purifying with {args.method} on {len(clean)} clean images from the reserve", file=sys.stderr)
     defense = defenses.create(args.method, dataset="cifar10", seed=args.seed)
     # purify_model also evaluates (step 3), on the test set and the attack recorded in ``meta``
@@ -345,12 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write the numbers as JSON (default: none)")
     e.set_defaults(func=cmd_evaluate)
 
-    u = sub.add_parser("purify", help="remove a backdoor with f-FIP (default) or another method")
+    u = sub.add_parser("purify", help="remove a backdoor (default: detect-unlearn on image models) or run another method")
     _add_model_args(u, "backdoored model")
     from .defenses.registry import available as _methods  # the help lists what the registry holds
-    u.add_argument("--method", default="ffip", metavar="METHOD",
+    u.add_argument("--method", default=None, metavar="METHOD",
                    help="one of " + ", ".join(_methods()) + "; each with its paper's defaults, changed with "
-                        "--set KEY=VALUE (the fields of its config class) (default: %(default)s)")
+                        "--set KEY=VALUE (the fields of its config class) (default: the best measured for the "
+                        "model's task: detect-unlearn for image classification, ffip for the other tasks)")
     u.add_argument("--clean-size", type=int, default=None,
                    help="clean images drawn (stratified, seeded) from the model's clean reserve or from "
                         "--clean-dir (default: all of them)")
@@ -396,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images used, a seeded subset (default: %(default)s)")
     d.add_argument("--clean-size", type=int, default=500,
                    help="clean images purification uses (default: %(default)s)")
-    d.add_argument("--method", default="ffip", help="purification method, as in purify (default: %(default)s)")
+    d.add_argument("--method", default=None, help="purification method, as in purify (default: detect-unlearn)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
     d.set_defaults(func=cmd_demo)

@@ -138,9 +138,10 @@ class Registry(Mapping):
         """Build ``name`` with :meth:`merged_options`."""
         key, merged = self.merged_options(name, options)
         obj = self._entries[key].obj
-        if self._build is not None:
-            return self._build(obj, *args, **merged)
-        return obj(*args, **merged)
+        made = self._build(obj, *args, **merged) if self._build is not None else obj(*args, **merged)
+        if hasattr(made, "registry_name"):  # an instance that wants to know the name it was made under
+            made.registry_name = key
+        return made
 
     # -- mapping: canonical name -> object --------------------------------------------------
     def __getitem__(self, name: str) -> Any:

@@ -19,7 +19,7 @@ from .awm import AWM, AWMConfig
 from .ibau import IBAU, IBAUConfig
 from .rnp import RNP, RNPConfig
 from .loop import PurificationDiverged, finetune
-from .registry import METHODS, PAPER_PRESETS, available, create, preset
+from .registry import DEFAULT_METHODS, METHODS, PAPER_PRESETS, available, create, default_method, preset
 from .training_time import (TRAINING_DEFENSES, TrainingDefense, TrainingDefenseConfig, available_training_defenses,
                             create_training_defense)
 
@@ -30,9 +30,15 @@ __all__ = ["DEFENSES", "TRAINING_DEFENSES", "AWM", "AWMConfig", "IBAU", "IBAUCon
            "SAU", "SAUConfig", "FST", "FSTConfig",
            "BTIDBF", "BTIDBFConfig", "NFT", "NFTConfig",
            "Defense", "DefenseConfig", "FIP", "FIPConfig", "METHODS", "PAPER_PRESETS", "PurificationDiverged",
-           "as_dataset", "available", "check_clean_set", "create", "finetune", "preset", "purify"]
+           "DEFAULT_METHODS", "as_dataset", "available", "check_clean_set", "create", "default_method", "finetune",
+           "preset", "purify"]
 
 
-def purify(model, clean_data, method: str = "ffip", dataset: str | None = None, progress: bool = True, **options):
-    """Purify ``model`` with ``method`` on ``clean_data``; returns the purified copy."""
+def purify(model, clean_data, method: str | None = None, dataset: str | None = None, progress: bool = True,
+           **options):
+    """Purify ``model`` with ``method`` on ``clean_data``; returns the purified copy. ``method`` None is the
+    default for the clean data's task (:func:`~fipurify.defenses.registry.default_method`)."""
+    if method is None:
+        from ..tasks import task_of
+        method = default_method(task_of(clean_data))
     return create(method, dataset, **options).purify(model, clean_data, progress=progress)

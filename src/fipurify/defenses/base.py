@@ -124,6 +124,7 @@ class Configured:
     or refuses it in one line."""
 
     name: ClassVar[str] = "method"
+    registry_name: str | None = None  #: set by ``DEFENSES.create`` to the name it was made under
     config_class: ClassVar[type[Options]] = Options
     #: what the method does to a model, for the refusal ("purify", "train")
     action: ClassVar[str] = "purify"
@@ -143,8 +144,9 @@ class Configured:
         self.report: dict[str, Any] = {}
 
     def method_name(self) -> str:
-        """The name reported as ``report["method"]`` (a configuration may have its own, e.g. FIP's "ft")."""
-        return self.name
+        """The name reported as ``report["method"]``: the registered name it was created under, else
+        the class's (a configuration may have its own, e.g. FIP's "ft")."""
+        return self.registry_name or self.name
 
     def use_task(self, source: Task | str | Any) -> Task:
         """Set :attr:`task` from a Task, a registered task name or a dataset (its ``task_of``);

@@ -29,6 +29,20 @@ discover(__package__)  # every defense module registers itself on import
 METHODS: dict[str, tuple[type[Defense], dict[str, Any]]] = DEFENSES.table
 
 
+#: The method used when none is named, per task: the best one measured for that task
+#: (image classification: ``docs/default-purifier-devlog.md``). Tasks not listed use
+#: :data:`FALLBACK_METHOD`, the paper's f-FIP, which has not been shown to remove a backdoor there.
+DEFAULT_METHODS: dict[str, str] = {"image-classification": "detect-unlearn"}
+FALLBACK_METHOD = "ffip"
+
+
+def default_method(task: Any = None) -> str:
+    """The method :func:`fipurify.purify` and ``fipurify purify`` use when none is named, for
+    ``task`` (a :class:`~fipurify.tasks.Task`, its name, or None for image classification)."""
+    name = getattr(task, "name", task) or "image-classification"
+    return DEFAULT_METHODS.get(str(name), FALLBACK_METHOD)
+
+
 def available() -> list[str]:
     """Names accepted by :func:`create`."""
     return sorted(METHODS)
@@ -42,12 +56,12 @@ def preset(dataset: str) -> dict[str, Any]:
     return dict(PAPER_PRESETS[key])
 
 
-def create(method: str = "ffip", dataset: str | None = None, **options: Any) -> Defense:
+def create(method: str | None = None, dataset: str | None = None, **options: Any) -> Defense:
     """A configured defense: the dataset's FIP schedule (FIP family only), method defaults, then ``options``.
 
-    ``dataset`` is validated for every method.
+    ``method`` None is :func:`default_method` for image classification; ``dataset`` is validated for every method.
     """
-    entry = DEFENSES.entry(method)
+    entry = DEFENSES.entry(method if method is not None else default_method())
     cls, fixed = entry.obj, entry.options
     merged: dict[str, Any] = {}
     if dataset is not None:
@@ -56,4 +70,6 @@ def create(method: str = "ffip", dataset: str | None = None, **options: Any) -> 
             merged.update(schedule)
     merged.update(fixed)
     merged.update(options)
-    return cls(cls.config_class(), **merged)
+    made = cls(cls.config_class(), **merged)
+    made.registry_name = DEFENSES.resolve(method if method is not None else default_method())[0]
+    return made

@@ -62,7 +62,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..curvature.fisher import diag_fisher, fisher_anchor_loss, proximal_anchor_step, snapshot
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .base import DEFENSES, Defense, DefenseConfig, EpochCallback, Step, labelled
 from .loop import finetune
 from .sau import PGD_INITS, log_one_minus_prob, shared_adversarial_examples
@@ -128,7 +128,9 @@ class TriggerUnlearn(Defense):
     name = "trigger-unlearn"
     summary = {"trigger-unlearn": "trigger recovery from clean data (Neural Cleanse), then unlearning it",
                "trigger-unlearn-fisher": "as `trigger-unlearn`, with the clean-Fisher anchor (eta_r = 1)",
-               "fisher-unlearn": "as `trigger-unlearn-fisher` (eta_r = 0.3), always adding SAU's shared "
+               "detect-unlearn": "fipurify's default for images: `trigger-unlearn-fisher` at eta_r = 0.3, the "
+                                 "setting the clean-data rule picked (a backdoor the detector misses is left)",
+               "fisher-unlearn": "as `detect-unlearn`, always adding SAU's shared "
                                  "adversarial unlearning, so a backdoor the detector misses is unlearned too"}
     config_class = TriggerUnlearnConfig
     config: TriggerUnlearnConfig
@@ -136,9 +138,17 @@ class TriggerUnlearn(Defense):
     task_reason = "it recovers and stamps a pixel trigger (mask and pattern on C x H x W images)"
 
     def _detect(self, model: nn.Module, train_set: Dataset):
+        """The detector's report, or (with the shared-adversarial term, which works without it) the
+        one-line reason the detector cannot run on this clean set (e.g. fewer than 3 classes)."""
         from ..detection import detect  # detection builds on defenses.base: imported when used
         opts = {"seed": self.config.seed, **(self.config.detector_options or {})}
-        return detect(model, train_set, method=self.config.detector, **opts)
+        try:
+            return detect(model, train_set, method=self.config.detector, **opts)
+        except DataError as e:
+            if self.config.shared_weight > 0:
+                return str(e)
+            raise DataError(f"{self.method_name()} finds the backdoor with a detector, which cannot run here: {e}; "
+                            "method 'fisher-unlearn' also unlearns without it") from None
 
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
                 progress: bool, callback: EpochCallback | None) -> Step:
@@ -164,10 +174,14 @@ class TriggerUnlearn(Defense):
             t0 = time.perf_counter()
             report = self._detect(model, train_set)
             seconds["detect"] += time.perf_counter() - t0
-            flagged = self._flagged(report)
-            rounds.append({"round": r, "backdoored": report.backdoored, "target": report.target,
-                           "score": report.score, "proxy_asr": report.proxy_asr, "flagged": flagged,
-                           "seconds": report.seconds})
+            if isinstance(report, str):  # the detector cannot run here: shared-adversarial unlearning only
+                flagged: list[int] = []
+                rounds.append({"round": r, "backdoored": None, "flagged": flagged, "detector_skipped": report})
+            else:
+                flagged = self._flagged(report)
+                rounds.append({"round": r, "backdoored": report.backdoored, "target": report.target,
+                               "score": report.score, "proxy_asr": report.proxy_asr, "flagged": flagged,
+                               "seconds": report.seconds})
             if r > cfg.rounds or (not flagged and (reference is None or r > 1)):
                 break  # this detection was the verification, or nothing (left) to unlearn
             for c in flagged:
@@ -302,4 +316,5 @@ def stamp_triggers(x: torch.Tensor, triggers: list, share: float, gen: torch.Gen
 
 DEFENSES.register("trigger-unlearn", TriggerUnlearn)
 DEFENSES.register("trigger-unlearn-fisher", TriggerUnlearn, eta_r=1.0)
+DEFENSES.register("detect-unlearn", TriggerUnlearn, eta_r=0.3)
 DEFENSES.register("fisher-unlearn", TriggerUnlearn, eta_r=0.3, shared_weight=1.0)
