@@ -110,3 +110,14 @@ def test_fisher_unlearn_runs_where_the_detector_cannot(tiny_backdoor):
                                                      out.state_dict().values()))
     with pytest.raises(DataError, match="at least 3"):
         DEFENSES.create("trigger-unlearn", **FAST).purify(tiny_backdoor["model"], two, progress=False)
+
+
+def test_format_rounds_says_what_each_round_saw():
+    from fipurify.defenses.trigger_unlearn import format_rounds
+    rep = {"rounds": [{"round": 1, "flagged": [0], "score": 4.44}, {"round": 2, "flagged": [], "score": 1.38}],
+           "replayed_proxy_asr": {0: 0.022}}
+    assert format_rounds(rep) == ("detector rounds: 1 flagged class 0 (index 4.44) -> unlearned; 2 not flagged "
+                                  "(1.38); recovered trigger replayed on held-out images: class 0 2.2 %")
+    assert format_rounds({"history": []}) is None
+    skipped = format_rounds({"rounds": [{"round": 1, "flagged": [], "detector_skipped": "too few classes"}]})
+    assert skipped == "detector rounds: 1 detector skipped (too few classes)"

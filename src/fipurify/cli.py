@@ -186,6 +186,9 @@ def cmd_purify(args) -> int:
               "device": str(next(model.parameters()).device)}
     if args.verify:
         print(format_comparison(report["detector"]))
+    from .defenses.trigger_unlearn import format_rounds
+    if format_rounds(report):
+        print(format_rounds(report))
     if test_data is not None:
         rows = [{"model": "before", **report["before"]}, {"model": "after", **report["after"]}]
         if report["der"] is not None:
@@ -269,6 +272,9 @@ def cmd_demo(args) -> int:
     rows = [{"model": "backdoored", **result.before},
             {"model": f"purified ({args.method})", **result.after, "der": result.der}]
     print(format_table(rows, ["model", "acc", "asr", "lcr", "der"]))
+    from .defenses.trigger_unlearn import format_rounds
+    if format_rounds(defense.report):
+        print(format_rounds(defense.report))
     print(f"total {time.perf_counter() - t_start:.0f}s (purification {defense.report['seconds']['total']:.0f}s)")
     return 0
 

@@ -248,6 +248,29 @@ class TriggerUnlearn(Defense):
         return out
 
 
+def format_rounds(report: dict[str, Any]) -> str | None:
+    """One line on what the detector saw in each round of a purification report (None if it has no
+    rounds), e.g. ``detector rounds: 1 flagged class 0 (index 4.44) -> unlearned; 2 not flagged (1.38)``."""
+    rounds = report.get("rounds")
+    if not rounds:
+        return None
+    parts = []
+    for r in rounds:
+        if r.get("detector_skipped"):
+            parts.append(f"{r['round']} detector skipped ({r['detector_skipped']})")
+        elif r.get("flagged"):
+            cls = ", ".join(str(c) for c in r["flagged"])
+            parts.append(f"{r['round']} flagged class {cls} (index {float(r['score']):.2f}) -> unlearned")
+        else:
+            parts.append(f"{r['round']} not flagged ({float(r['score']):.2f})")
+    out = "detector rounds: " + "; ".join(parts)
+    replay = report.get("replayed_proxy_asr") or {}
+    if replay:
+        out += "; recovered trigger replayed on held-out images: " + ", ".join(
+            f"class {c} {100 * v:.1f} %" for c, v in replay.items())
+    return out
+
+
 @torch.no_grad()
 def augmentations_kept(model: nn.Module, data: Dataset, tolerance: float, seed: int = 0) -> dict[str, Any]:
     """Which training augmentations the model is already invariant to, judged on clean data.
