@@ -31,7 +31,9 @@ clean Fisher tells which weights hold clean knowledge:
 
 When nothing is flagged in the first round the model is returned unchanged and the report
 says so: a clean model keeps its accuracy exactly, and a backdoor the detector misses is not
-removed (the detector's limits are this method's limits; see ``docs/detection.md``).
+removed (the detector's limits are this method's limits: it misses SIG, see
+``docs/default-purifier-devlog.md``). Registered as ``detect-unlearn`` (eta_r 0.3), this is fipurify's
+default purifier for image classification.
 
 **Shared adversarial unlearning** (``shared_weight > 0``, variant ``fisher-unlearn``) removes
 that dependence on the detector. Each batch also gets SAU's term (Wei et al., NeurIPS 2023;
