@@ -360,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .defenses.registry import available as _methods  # the help lists what the registry holds
     u.add_argument("--method", default=None, metavar="METHOD",
                    help="one of " + ", ".join(_methods()) + "; each with its paper's defaults, changed with "
-                        "--set KEY=VALUE (the fields of its config class) (default: the best measured for the "
-                        "model's task: detect-unlearn for image classification, ffip for the other tasks)")
+                        "--set KEY=VALUE (the fields of its config class) (default: detect-unlearn for image "
+                        "classification, picked by measurement; f-FIP, not shown to purify there, for the other tasks)")
     u.add_argument("--clean-size", type=int, default=None,
                    help="clean images drawn (stratified, seeded) from the model's clean reserve or from "
                         "--clean-dir (default: all of them)")
