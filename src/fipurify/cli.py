@@ -187,8 +187,8 @@ def cmd_purify(args) -> int:
     if args.verify:
         print(format_comparison(report["detector"]))
     from .defenses.trigger_unlearn import format_rounds
-    if format_rounds(report):
-        print(format_rounds(report))
+    if (rounds := format_rounds(report)) is not None:
+        print(rounds)
     if test_data is not None:
         rows = [{"model": "before", **report["before"]}, {"model": "after", **report["after"]}]
         if report["der"] is not None:
@@ -273,8 +273,8 @@ def cmd_demo(args) -> int:
             {"model": f"purified ({args.method})", **result.after, "der": result.der}]
     print(format_table(rows, ["model", "acc", "asr", "lcr", "der"]))
     from .defenses.trigger_unlearn import format_rounds
-    if format_rounds(defense.report):
-        print(format_rounds(defense.report))
+    if (rounds := format_rounds(defense.report)) is not None:
+        print(rounds)
     print(f"total {time.perf_counter() - t_start:.0f}s (purification {defense.report['seconds']['total']:.0f}s)")
     return 0
 

@@ -61,15 +61,13 @@ def create(method: str | None = None, dataset: str | None = None, **options: Any
 
     ``method`` None is :func:`default_method` for image classification; ``dataset`` is validated for every method.
     """
-    entry = DEFENSES.entry(method if method is not None else default_method())
-    cls, fixed = entry.obj, entry.options
+    name = method if method is not None else default_method()
+    entry = DEFENSES.entry(name)
     merged: dict[str, Any] = {}
     if dataset is not None:
         schedule = {k: v for k, v in preset(dataset).items() if k != "clean_fraction"}
-        if cls is FIP:  # the presets are FIP's; baselines keep their own papers' schedules
+        if entry.obj is FIP:  # the presets are FIP's; baselines keep their own papers' schedules
             merged.update(schedule)
-    merged.update(fixed)
+    merged.update(entry.options)  # the schedule yields to the name's presets, and both to ``options``
     merged.update(options)
-    made = cls(cls.config_class(), **merged)
-    made.registry_name = DEFENSES.resolve(method if method is not None else default_method())[0]
-    return made
+    return DEFENSES.create(name, **merged)

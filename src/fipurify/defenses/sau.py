@@ -91,19 +91,25 @@ class SAUConfig(BaselineConfig):
         super().validate()
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if not 0 < self.eps <= 1 or not self.pgd_step_size > 0:
-            raise ConfigError(f"eps must lie in (0, 1] and pgd_step_size be positive, "
-                              f"got eps={self.eps}, pgd_step_size={self.pgd_step_size}")
-        if isinstance(self.pgd_steps, bool) or not isinstance(self.pgd_steps, int) or self.pgd_steps < 1:
-            raise ConfigError(f"pgd_steps must be an integer >= 1, got {self.pgd_steps!r}")
-        if self.pgd_init not in PGD_INITS:
-            raise ConfigError(f"pgd_init must be one of {', '.join(PGD_INITS)}, got {self.pgd_init!r}")
+        check_pgd_options(self, "eps", "pgd_step_size", "pgd_steps", "pgd_init")
         weights = {"adv_weight": self.adv_weight, "share_weight": self.share_weight,
                    "clean_weight": self.clean_weight, "sar_weight": self.sar_weight, "at_weight": self.at_weight}
         bad = [k for k, v in weights.items() if not v >= 0]
         if bad:
             raise ConfigError(f"loss weights must be >= 0: {', '.join(f'{k}={weights[k]}' for k in bad)}")
         return self
+
+
+def check_pgd_options(cfg: Any, eps: str, step_size: str, steps: str, init: str) -> None:
+    """ConfigError unless the PGD settings of ``cfg`` (given by their field names) are valid: the
+    L-inf bound in (0, 1], a positive step size, an integer number of steps >= 1, a known start."""
+    e, s, n, i = (getattr(cfg, k) for k in (eps, step_size, steps, init))
+    if not 0 < e <= 1 or not s > 0:
+        raise ConfigError(f"{eps} must lie in (0, 1] and {step_size} be positive, got {eps}={e}, {step_size}={s}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{steps} must be an integer >= 1, got {n!r}")
+    if i not in PGD_INITS:
+        raise ConfigError(f"{init} must be one of {', '.join(PGD_INITS)}, got {i!r}")
 
 
 class SharedAdversarial(NamedTuple):
@@ -188,6 +194,13 @@ def shared_adversarial_examples(model: nn.Module, reference: nn.Module, x: torch
         reference.train(modes[1])
 
 
+def shared_adversarial_risk(logits_adv: torch.Tensor, sae: SharedAdversarial) -> torch.Tensor:
+    """L_sar of the module docstring: over the examples that fool the reference, the mean (over the
+    whole batch) of ``-log(1 - p(reference's adversarial label | x~))`` under ``logits_adv``."""
+    mask = sae.ref_fooled
+    return -log_one_minus_prob(logits_adv[mask], sae.ref_pred[mask]).sum() / len(logits_adv)
+
+
 class SAU(BaselineDefense):
     """Shared Adversarial Unlearning (Wei et al., NeurIPS 2023).
 
@@ -229,8 +242,7 @@ class SAU(BaselineDefense):
             m.train(cfg.bn_mode == "train")  # the authors keep the whole model in eval mode
             logits, logits_adv = m(torch.cat([x, sae.x_adv])).split(len(x))
             terms = {"ce": self.task.mean_loss(logits, y)}
-            mask = sae.ref_fooled
-            terms["sar"] = -log_one_minus_prob(logits_adv[mask], sae.ref_pred[mask]).sum() / len(x)
+            terms["sar"] = shared_adversarial_risk(logits_adv, sae)
             if cfg.at_weight > 0:
                 terms["at"] = F.cross_entropy(logits_adv, y)
             loss = (cfg.clean_weight * terms["ce"] + cfg.sar_weight * terms["sar"]

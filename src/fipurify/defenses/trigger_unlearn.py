@@ -67,7 +67,7 @@ from ..curvature.fisher import diag_fisher, fisher_anchor_loss, proximal_anchor_
 from ..errors import ConfigError, DataError
 from .base import DEFENSES, Defense, DefenseConfig, EpochCallback, Step, labelled
 from .loop import finetune
-from .sau import PGD_INITS, log_one_minus_prob, shared_adversarial_examples
+from .sau import check_pgd_options, shared_adversarial_examples, shared_adversarial_risk
 
 
 @dataclass
@@ -109,13 +109,7 @@ class TriggerUnlearnConfig(DefenseConfig):
             raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
         if not self.shared_weight >= 0:
             raise ConfigError(f"shared_weight must be >= 0, got {self.shared_weight}")
-        if not 0 < self.adv_eps <= 1 or not self.adv_step_size > 0:
-            raise ConfigError(f"adv_eps must lie in (0, 1] and adv_step_size be positive, "
-                              f"got adv_eps={self.adv_eps}, adv_step_size={self.adv_step_size}")
-        if isinstance(self.adv_steps, bool) or not isinstance(self.adv_steps, int) or self.adv_steps < 1:
-            raise ConfigError(f"adv_steps must be an integer >= 1, got {self.adv_steps!r}")
-        if self.adv_init not in PGD_INITS:
-            raise ConfigError(f"adv_init must be one of {', '.join(PGD_INITS)}, got {self.adv_init!r}")
+        check_pgd_options(self, "adv_eps", "adv_step_size", "adv_steps", "adv_init")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,9 +206,7 @@ class TriggerUnlearn(Defense):
                     m.eval()  # the perturbed images stay out of BatchNorm's statistics
                     logits_adv = m(sae.x_adv)
                     m.train(was)
-                    fooled = sae.ref_fooled
-                    terms["sar"] = cfg.shared_weight * -log_one_minus_prob(
-                        logits_adv[fooled], sae.ref_pred[fooled]).sum() / len(x)
+                    terms["sar"] = cfg.shared_weight * shared_adversarial_risk(logits_adv, sae)
                 if anchor is not None:  # logged; the anchor acts through the proximal step below
                     with torch.no_grad():
                         terms["anchor"] = 0.5 * cfg.eta_r * fisher_anchor_loss(params, anchor, fdiag)
