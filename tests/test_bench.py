@@ -685,3 +685,29 @@ def test_runs_are_placed_on_the_least_busy_gpu(monkeypatch):
         busy.append(place(gpus, busy))
     assert busy == ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
     assert place(gpus, ["cuda:0", "cuda:2", "cuda:0"]) == "cuda:1"
+
+
+def test_a_verify_spec_records_the_detector_before_and_after_each_purification(tmp_path):
+    """``[verify]`` runs the named clean-data detector on the model before and after the defense (new run
+    keys, same models) and stores its summary under ``details["verify"]``; a bad section fails at parse."""
+    from fipurify.bench import stages
+
+    import tomllib
+
+    doc = tomllib.loads(TINY)
+    doc["attacks"] = doc["attacks"][:1]
+    doc["defenses"] = [{"name": "ft", "options": {"epochs": 1, "batch_size": 16}}]
+    plain = parse_spec(doc).runs()[0]
+    nc = {"max_steps": 20, "batch_size": 16, "stop_patience": 5, "refine_steps": 10}
+    run = parse_spec({**doc, "verify": {"detector": "neural-cleanse", "options": nc}}).runs()[0]
+    assert run.key != plain.key and run.model_key == plain.model_key
+    assert run.config["verify"] == {"detector": "neural-cleanse", "options": nc}
+    path, _, _ = stages.train(run.model_config(), run.model_key, tmp_path, log=lambda m: None)
+    v = stages.purify(run.config, path)["details"]["verify"]
+    assert v["method"] == "neural-cleanse" and isinstance(v["flagged_before"], bool)
+    assert isinstance(v["flagged_after"], bool) and v["proxy_asr_before"] is not None
+    assert "before" not in v and "after" not in v  # the summary, not both full reports
+    with pytest.raises(ConfigError, match="not registered"):
+        parse_spec({**doc, "verify": {"detector": "nope"}})
+    with pytest.raises(ConfigError, match="unknown \\[verify\\] key"):
+        parse_spec({**doc, "verify": {"detector": "uap", "steps": 3}})

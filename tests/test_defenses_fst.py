@@ -75,10 +75,45 @@ def test_registry_defaults_are_the_papers():
     c = d.config
     assert isinstance(d, FST) and isinstance(c, FSTConfig)
     assert (c.epochs, c.lr, c.momentum, c.weight_decay, c.batch_size) == (10, 0.01, 0.9, 0.0, 128)
-    assert (c.schedule, c.alpha, c.augment) == ("cosine", 0.2, True)
+    assert (c.schedule, c.alpha, c.augment, c.eta_r) == ("cosine", 0.2, True, 0.0)
+    f = defenses.create("fisher-fst", dataset="cifar10").config
+    assert f.eta_r == 1.0 and (f.epochs, f.lr, f.alpha, f.schedule) == (10, 0.01, 0.2, "cosine")
 
 
-@pytest.mark.parametrize("bad", [dict(alpha=-0.1), dict(alpha=float("inf")), dict(lr=0.0),
+def _fisher_distance(model, before, fdiag, names):
+    """sum_i F_i (theta_i - theta0_i)^2 over the named (body) parameters."""
+    params = dict(model.named_parameters())
+    return float(sum((fdiag[n] * (params[n].detach() - before[n]) ** 2).sum() for n in names))
+
+
+def test_fisher_fst_keeps_the_body_where_the_clean_fisher_is_large_and_still_shifts_the_head(tiny_backdoor):
+    """The anchor is an exact proximal step on every weight but the head: the larger eta_r, the smaller the
+    Fisher-weighted move of the body; the head is still re-initialised and pushed away, at its norm."""
+    from torch.utils.data import DataLoader
+
+    from fipurify.curvature.fisher import diag_fisher
+
+    model, reserve = tiny_backdoor["model"], tiny_backdoor["reserve"]
+    body = [n for n, _ in model.named_parameters() if not n.startswith("classifier.")]
+    named = dict(model.named_parameters())
+    fdiag = dict(zip(body, diag_fisher(model, DataLoader(reserve, batch_size=64),
+                                       [named[n] for n in body], normalize="mean")))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moves, cosines = {}, {}
+    for eta in (0.0, 1.0, 1e4):
+        d = defenses.create("fisher-fst" if eta else "fst", **FAST, **({"eta_r": eta} if eta else {}))
+        out = d.purify(model, reserve, progress=False)
+        moves[eta] = _fisher_distance(out, before, fdiag, body)
+        cosines[eta] = head_cosine(_head_weight(out), before["classifier.weight"])
+        assert torch.allclose(_head_weight(out).norm(), before["classifier.weight"].norm(), rtol=1e-5)
+        if eta:
+            assert "anchor" in d.report["history"][-1] and d.report["config"]["eta_r"] == eta
+    assert moves[1e4] < 0.01 * moves[0.0] and moves[1.0] < moves[0.0], moves
+    assert all(c < 0.5 for c in cosines.values()), cosines  # the head is replaced and shifted in every case
+
+
+@pytest.mark.parametrize("bad", [dict(alpha=-0.1), dict(alpha=float("inf")), dict(lr=0.0), dict(eta_r=-1.0),
+                                 dict(eta_r=float("nan")),
                                  dict(schedule="step"), dict(unknown=1)])
 def test_bad_config_raises_config_error(bad):
     with pytest.raises(ConfigError):

@@ -95,13 +95,17 @@ def _hours(seconds: float) -> str:
 
 def units_note(columns: list[str]) -> str:
     """What the shown columns measure, e.g. "; ACC and ASR in %; time = purification seconds (...)"."""
-    pct = [m.upper() if m != "val" else "Val" for m in columns if m in ("acc", "asr", "lcr", "der", "val")]
+    names = {"val": "Val", "acc_retuned": "ACC after retune", "asr_retuned": "ASR after retune"}
+    pct = [names.get(m, m.upper()) for m in columns if m in ("acc", "asr", "lcr", "der", "val", "acc_retuned", "asr_retuned")]
     parts = []
     if pct:
         parts.append((", ".join(pct[:-1]) + " and " + pct[-1] if len(pct) > 1 else pct[0]) + " in %")
     if "val" in columns:
         parts.append("Val = accuracy on 1,000 clean reserve images disjoint from the defense's clean set "
                      "(the selection figure: clean data only)")
+    if "asr_retuned" in columns or "acc_retuned" in columns:
+        parts.append("after retune = after the retuning attack (fipurify.retune: a short fine-tune of the purified "
+                     "model on its clean images plus a few poisoned ones; the spec's [retune] settings)")
     if "time" in columns:
         parts.append("time = purification seconds (training seconds for training-time defenses)")
     if "epoch_time" in columns:

@@ -15,10 +15,11 @@ from .spec import METRICS, Spec
 from .store import ResultStore
 
 #: Metrics shown as percentages (stored as fractions).
-RATES = ("acc", "asr", "lcr", "der", "val")
+RATES = ("acc", "asr", "lcr", "der", "val", "acc_retuned", "asr_retuned")
 #: Column titles.
 TITLES = {"acc": "ACC", "asr": "ASR", "lcr": "LCR", "der": "DER", "val": "Val", "time": "Time (s)",
-          "epoch_time": "s/epoch", "peak_mb": "Peak MB"}
+          "epoch_time": "s/epoch", "peak_mb": "Peak MB", "acc_retuned": "ACC after retune",
+          "asr_retuned": "ASR after retune"}
 DIM_TITLES = {"attack": "Attack", "defense": "Defense", "clean_size": "Clean size"}
 DEFAULT_COLUMNS = ["acc", "asr", "lcr", "der", "time"]
 
@@ -27,6 +28,10 @@ def metric_value(row: dict[str, Any], metric: str) -> float | None:
     """The value of ``metric`` in a stored result row (None where it does not apply)."""
     if metric == "val":
         return row.get("val_acc")
+    if metric in ("acc_retuned", "asr_retuned"):  # the retuning attack's figures ([retune] specs)
+        details = row.get("details")
+        retune = details.get("retune") if isinstance(details, dict) else None
+        return retune.get(metric[:3]) if isinstance(retune, dict) else None
     if metric in RATES:
         return row.get(metric)
     if metric == "time":

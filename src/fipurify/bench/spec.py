@@ -28,10 +28,10 @@ from ..errors import ConfigError
 KEY_VERSION = 1
 #: Top-level sections a spec may have.
 SECTIONS = {"name", "title", "description", "extends", "salt", "only", "data", "model", "training", "attacks",
-            "defenses", "grid", "table", "paper_table"}
+            "defenses", "grid", "table", "paper_table", "retune", "verify"}
 #: Metrics a table can show; True where higher is better.
 METRICS: dict[str, bool] = {"acc": True, "asr": False, "lcr": True, "der": True, "val": True, "time": False,
-                            "epoch_time": False, "peak_mb": False}
+                            "epoch_time": False, "peak_mb": False, "acc_retuned": True, "asr_retuned": False}
 #: What a post-training defense is given: "clean" (the default) is the clean images; "oracle" adds
 #: each clean image again with the attack's trigger and its *true* label. The oracle is a diagnostic
 #: (can the method remove the backdoor when the data points at it?), never a defense: it uses the trigger.
@@ -115,6 +115,12 @@ class Spec:
     paper_table: dict[str, Any]
     salt: str = ""
     only: list[str] = field(default_factory=list)  # keep only grid cells these patterns select (see matches)
+    #: ``[retune]``: after each purification, the retuning attack (:mod:`fipurify.retune`) with these
+    #: settings; part of the run key, so such runs are apart from the plain ones.
+    retune: dict[str, Any] | None = None
+    #: ``[verify]``: a clean-data detector on the model before and after each purification
+    #: (:mod:`fipurify.detection.verify`); part of the run key, like ``retune``.
+    verify: dict[str, Any] | None = None
     source: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -158,6 +164,10 @@ class Spec:
             "model": copy.deepcopy(self.model), "training": copy.deepcopy(self.training),
             "attack": copy.deepcopy(att.config), "defense": copy.deepcopy(dfn.config),
             "clean_size": int(clean), "seed": int(seed)}
+        if self.retune is not None:
+            cfg["retune"] = dict(self.retune)
+        if self.verify is not None:
+            cfg["verify"] = copy.deepcopy(self.verify)
         dims = {"attack": att.id}
         for axis, i in zip(self.axes, combo):
             applied = _apply(cfg, axis.path, axis.values[i])
@@ -297,7 +307,8 @@ def parse_spec(doc: dict[str, Any], source: str | None = None) -> Spec:
     spec = Spec(name=name, title=str(doc.get("title", name)), description=str(doc.get("description", "")),
                 data=data, model=model, training=training, attacks=attacks, defenses=defenses, seeds=seeds,
                 clean_sizes=clean_sizes, axes=axes, table=table, paper_table=paper,
-                salt=str(doc.get("salt", "")), only=_only(doc.get("only", []), where), source=source, raw=doc)
+                salt=str(doc.get("salt", "")), only=_only(doc.get("only", []), where), source=source, raw=doc,
+                retune=_retune(doc.get("retune"), where), verify=_verify(doc.get("verify"), where))
     dims = spec.dims()  # validates [table] rows
     if "pivot" in table and table["pivot"] not in dims:
         raise ConfigError(f"{where}: [table] pivot must be one of the row dimensions {', '.join(dims)}")
@@ -333,6 +344,38 @@ def matches(run: Run, patterns: list[str]) -> bool:
         if p in parts or p == run.key or p == run.label:
             return True
     return False
+
+
+def _retune(v: Any, where: str) -> dict[str, Any] | None:
+    """``[retune]`` checked (:class:`fipurify.retune.RetuneConfig`), without ``seed`` (each run's own seed is used)."""
+    if v is None:
+        return None
+    from ..retune import RetuneConfig
+
+    v = _table(v, f"{where} [retune]")
+    if "seed" in v:
+        raise ConfigError(f"{where}: [retune] must not set seed; each run retunes with its own seed")
+    try:
+        cfg = RetuneConfig.from_dict(v)
+    except ConfigError as e:
+        raise ConfigError(f"{where} [retune]: {e}") from None
+    return {k: getattr(cfg, k) for k in ("epochs", "lr", "poison_fraction", "batch_size")}
+
+
+def _verify(v: Any, where: str) -> dict[str, Any] | None:
+    """``[verify]``: ``detector`` (a registered clean-data detector, default neural-cleanse) and its ``options``."""
+    if v is None:
+        return None
+    from ..detection.registry import DETECTORS
+
+    v = _table(v, f"{where} [verify]")
+    bad = sorted(set(v) - {"detector", "options"})
+    if bad:
+        raise ConfigError(f"{where}: unknown [verify] key(s) {', '.join(bad)}; known: detector, options")
+    name = str(v.get("detector", "neural-cleanse"))
+    if name not in DETECTORS:
+        raise ConfigError(f"{where}: [verify] detector {name!r} is not registered; known: {', '.join(sorted(DETECTORS))}")
+    return {"detector": name, "options": dict(_table(v.get("options", {}), f"{where} [verify] options"))}
 
 
 def _table(v: Any, where: str) -> dict[str, Any]:

@@ -345,7 +345,16 @@ def purify(run_config: dict[str, Any], path: Path, *, data_root: str | None = No
     defense = make_defense(run_config["defense"], bundle.dataset_info["name"], seed)
     model = model.to(device)
     meter = Meter(device)
-    result = purify_model(model, meta, defense, clean, test=bundle, before=meta["metrics"], meter=meter)
+    verify = None
+    if run_config.get("verify"):  # the detector before and after ([verify] specs): clean data only
+        from ..detection.verify import PurificationCheck
+
+        check = run_config["verify"]
+
+        def verify(m, c):
+            return PurificationCheck(m, c, check["detector"], **check.get("options", {})).after
+    result = purify_model(model, meta, defense, clean, test=bundle, before=meta["metrics"], meter=meter,
+                          verify=verify)
     after = result.after
     val_acc = _accuracy(result.model, validation) if validation is not None else None
     report = defense.report or {}
@@ -356,6 +365,14 @@ def purify(run_config: dict[str, Any], path: Path, *, data_root: str | None = No
                "train_epoch_seconds": (meta.get("bench") or {}).get("epoch_seconds"),
                "purify_wall_seconds": meter.wall, "n_clean": len(clean), "model_file": str(path),
                "val_before": val_before, "n_test": after.get("n_clean"), "n_backdoor": after.get("n_backdoor")}
+    if "detector" in result.report:
+        details["verify"] = {k: v for k, v in result.report["detector"].items() if k not in ("before", "after")}
+    if run_config.get("retune") and meta.get("attack"):  # post-purification robustness ([retune] specs)
+        from ..attacks import from_spec
+        from ..retune import RetuneConfig, retuned_metrics
+
+        details["retune"] = retuned_metrics(result.model, clean, from_spec(meta["attack"]), bundle.test,
+                                            RetuneConfig.from_dict({**run_config["retune"], "seed": seed}))
     if after.get("metric") is not None:  # a task with its own metrics (mAP; CT, AT BLEU): all of them
         details["metrics_after"] = {k: v for k, v in after.items() if not k.startswith("n_")}
     return {**model_row(meta), "acc": after["acc"], "asr": after["asr"], "lcr": after["lcr"], "der": result.der,

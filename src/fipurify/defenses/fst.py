@@ -24,6 +24,13 @@ CIFAR-100 and Tiny-ImageNet); fipurify gives every method the same clean set (50
 minus the hold-out. The head is found generically (see :func:`linear_head`) instead of by a
 ``--linear_name`` option, and its norm is also set to ``||W_0||`` right after the
 re-initialisation (the authors' first step starts from the raw initial norm).
+
+Variant ``fisher-fst`` (fipurify's, not the paper's; issue 19's candidate 3): FST plus FIP's clean-Fisher
+anchor on every weight but the re-initialised head, ``eta_r / 2 * sum_i F_i (theta_i - theta0_i)^2`` with the
+mean-normalised diagonal Fisher ``F`` of the backdoored model on the clean images (true labels), applied as an
+exact proximal step after each SGD step (:func:`~fipurify.curvature.fisher.proximal_anchor_step`). The
+shift term still forces the features to move, but the anchor lets them move only along directions the
+clean data does not use: the backdoor's, if FIP's premise holds. ``eta_r = 0`` (FST's default) is plain FST.
 """
 from __future__ import annotations
 
@@ -35,8 +42,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from ..curvature.fisher import diag_fisher, fisher_anchor_loss, proximal_anchor_step, snapshot
 from ..errors import ConfigError
 from .base import DEFENSES, EpochCallback, Step
 from .baseline_common import BaselineConfig, BaselineDefense, model_device
@@ -52,11 +60,15 @@ class FSTConfig(BaselineConfig):
     milestones: tuple[int, ...] = ()
     schedule: str = "cosine"
     alpha: float = 0.2
+    #: Weight of the clean-Fisher anchor on every weight but the head (0 = plain FST; ``fisher-fst``).
+    eta_r: float = 0.0
 
     def validate(self) -> "FSTConfig":
         super().validate()
         if not (self.alpha >= 0 and math.isfinite(self.alpha)):
             raise ConfigError(f"alpha (the head-shift weight) must be a finite number >= 0, got {self.alpha}")
+        if not (self.eta_r >= 0 and math.isfinite(self.eta_r)):
+            raise ConfigError(f"eta_r (the clean-Fisher anchor weight) must be a finite number >= 0, got {self.eta_r}")
         return self
 
 
@@ -85,6 +97,9 @@ class FST(BaselineDefense):
     """
 
     name = "fst"
+    summary = {"fst": "Feature Shift Tuning (Min et al., NeurIPS 2023)",
+               "fisher-fst": "FST under FIP's clean-Fisher anchor on every weight but the head (eta_r = 1): the "
+                             "features may shift only where the clean data does not look"}
     config_class = FSTConfig
     tasks = ("classification",)
     task_reason = "it re-initialises the linear classification head (one output per class)"
@@ -97,6 +112,12 @@ class FST(BaselineDefense):
         with torch.no_grad():
             num_classes = model(train_set[0][0][None].to(device)).shape[-1]
         head_name, head = linear_head(model, num_classes)
+        head_ids = {id(p) for p in head.parameters()}
+        body = [p for p in model.parameters() if id(p) not in head_ids]
+        anchor = fdiag = None
+        if cfg.eta_r > 0:  # the clean Fisher of the backdoored model, before the head is replaced
+            fdiag = diag_fisher(model, DataLoader(train_set, batch_size=64), body, normalize="mean", task=self.task)
+            anchor = snapshot(body)
         w0 = head.weight.detach().clone()
         norm0 = w0.norm()
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -111,11 +132,17 @@ class FST(BaselineDefense):
         opt = make_optimizer(params, cfg)
 
         def shift(m: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-            return {"shift": cfg.alpha * (head.weight * w0).sum()}
+            terms = {"shift": cfg.alpha * (head.weight * w0).sum()}
+            if anchor is not None:  # logged only; the anchor acts through the proximal step in hold_norm
+                with torch.no_grad():
+                    terms["anchor"] = 0.5 * cfg.eta_r * fisher_anchor_loss(body, anchor, fdiag)
+            return terms
 
         def hold_norm(lr: float) -> None:
             with torch.no_grad():
                 head.weight.mul_(norm0 / head.weight.norm())
+                if anchor is not None:
+                    proximal_anchor_step(body, anchor, fdiag, lr, cfg.eta_r)
 
         def annotate(rec: dict[str, Any], *args: Any) -> None:
             rec["head_cosine"] = head_cosine(head.weight, w0)
@@ -133,3 +160,4 @@ class FST(BaselineDefense):
 
 
 DEFENSES.register("fst", FST, **FST.paper_schedule())
+DEFENSES.register("fisher-fst", FST, eta_r=1.0, **FST.paper_schedule())
