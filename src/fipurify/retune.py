@@ -74,15 +74,8 @@ def poisoned_subset(clean: Dataset, attack, fraction: float, seed: int) -> Datas
 def retuning_attack(model: nn.Module, clean: Dataset, attack, config: RetuneConfig | None = None) -> nn.Module:
     """A copy of ``model`` fine-tuned on ``clean`` plus a few poisoned images (see the module docstring);
     ``model`` itself is left unchanged."""
-    from .training import TrainConfig, train_model
-
     cfg = (config or RetuneConfig()).validate()
-    retuned = copy.deepcopy(model)
-    data = ConcatDataset([clean, poisoned_subset(clean, attack, cfg.poison_fraction, cfg.seed)])
-    train_model(retuned, data, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                                           schedule="constant", augment=False, seed=cfg.seed, eval_every=cfg.epochs),
-                progress=False, log=None)
-    return retuned.eval()
+    return _fine_tune(model, clean, poisoned_subset(clean, attack, cfg.poison_fraction, cfg.seed), cfg)
 
 
 def retuned_metrics(model: nn.Module, clean: Dataset, attack, test: Dataset,
@@ -91,10 +84,22 @@ def retuned_metrics(model: nn.Module, clean: Dataset, attack, test: Dataset,
     from .metrics import evaluate
 
     cfg = (config or RetuneConfig()).validate()
-    n_poison = min(len(attack.backdoor_test_set(clean)), max(1, int(round(cfg.poison_fraction * len(clean)))))
-    m = evaluate(retuning_attack(model, clean, attack, cfg), test, attack.backdoor_test_set(test))
-    out = {"acc": m["acc"], "asr": m.get("asr"), "n_poison": n_poison, "n_clean": len(clean),
+    poisoned = poisoned_subset(clean, attack, cfg.poison_fraction, cfg.seed)
+    m = evaluate(_fine_tune(model, clean, poisoned, cfg), test, attack.backdoor_test_set(test))
+    out = {"acc": m["acc"], "asr": m.get("asr"), "n_poison": len(poisoned), "n_clean": len(clean),
            "epochs": cfg.epochs, "lr": cfg.lr, "poison_fraction": cfg.poison_fraction}
     if out["asr"] is not None and not math.isfinite(out["asr"]):
         out["asr"] = None
     return out
+
+
+def _fine_tune(model: nn.Module, clean: Dataset, poisoned: Dataset, cfg: RetuneConfig) -> nn.Module:
+    """The retuning itself: a copy of ``model`` trained on ``clean + poisoned`` (validated ``cfg``), in eval mode."""
+    from .training import TrainConfig, train_model
+
+    retuned = copy.deepcopy(model)
+    train_model(retuned, ConcatDataset([clean, poisoned]),
+                TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, schedule="constant",
+                            augment=False, seed=cfg.seed, eval_every=cfg.epochs),
+                progress=False, log=None)
+    return retuned.eval()

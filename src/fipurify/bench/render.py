@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_bytes, atomic_write_text
-from .report import DIM_TITLES, TITLES, Table, TableRow, format_cell, format_paper
+from .report import DIM_TITLES, RATES, TITLES, Table, TableRow, format_cell, format_paper
 from .spec import METRICS
 from .store import utc_now
 
@@ -95,8 +95,7 @@ def _hours(seconds: float) -> str:
 
 def units_note(columns: list[str]) -> str:
     """What the shown columns measure, e.g. "; ACC and ASR in %; time = purification seconds (...)"."""
-    names = {"val": "Val", "acc_retuned": "ACC after retune", "asr_retuned": "ASR after retune"}
-    pct = [names.get(m, m.upper()) for m in columns if m in ("acc", "asr", "lcr", "der", "val", "acc_retuned", "asr_retuned")]
+    pct = [TITLES[m] for m in columns if m in RATES]
     parts = []
     if pct:
         parts.append((", ".join(pct[:-1]) + " and " + pct[-1] if len(pct) > 1 else pct[0]) + " in %")

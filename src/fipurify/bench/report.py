@@ -20,6 +20,8 @@ RATES = ("acc", "asr", "lcr", "der", "val", "acc_retuned", "asr_retuned")
 TITLES = {"acc": "ACC", "asr": "ASR", "lcr": "LCR", "der": "DER", "val": "Val", "time": "Time (s)",
           "epoch_time": "s/epoch", "peak_mb": "Peak MB", "acc_retuned": "ACC after retune",
           "asr_retuned": "ASR after retune"}
+#: Columns read from ``details["retune"]``: column -> key there.
+RETUNED = {"acc_retuned": "acc", "asr_retuned": "asr"}
 DIM_TITLES = {"attack": "Attack", "defense": "Defense", "clean_size": "Clean size"}
 DEFAULT_COLUMNS = ["acc", "asr", "lcr", "der", "time"]
 
@@ -28,10 +30,10 @@ def metric_value(row: dict[str, Any], metric: str) -> float | None:
     """The value of ``metric`` in a stored result row (None where it does not apply)."""
     if metric == "val":
         return row.get("val_acc")
-    if metric in ("acc_retuned", "asr_retuned"):  # the retuning attack's figures ([retune] specs)
+    if metric in RETUNED:  # the retuning attack's figures ([retune] specs), kept in the row's details
         details = row.get("details")
         retune = details.get("retune") if isinstance(details, dict) else None
-        return retune.get(metric[:3]) if isinstance(retune, dict) else None
+        return retune.get(RETUNED[metric]) if isinstance(retune, dict) else None
     if metric in RATES:
         return row.get(metric)
     if metric == "time":
