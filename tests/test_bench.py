@@ -711,3 +711,42 @@ def test_a_verify_spec_records_the_detector_before_and_after_each_purification(t
         parse_spec({**doc, "verify": {"detector": "nope"}})
     with pytest.raises(ConfigError, match="unknown \\[verify\\] key"):
         parse_spec({**doc, "verify": {"detector": "uap", "steps": 3}})
+
+
+def test_a_killed_model_training_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """The runner's model training writes its state after every epoch; killed after epoch 1 of 2, the
+    rerun continues from it (same weights as an uninterrupted run), records that it resumed, counts the
+    earlier epoch's time, and removes the state file once the model is saved."""
+    import tomllib
+
+    from fipurify import train_state
+    from fipurify.bench import stages
+    import torch
+
+    from fipurify.io import load_model
+
+    doc = tomllib.loads(TINY)
+    doc["training"]["epochs"] = 2
+    run = parse_spec(doc).runs()[0]
+    cfg, key = run.model_config(), run.model_key
+    straight, _, _ = stages.train(cfg, key, tmp_path / "a", log=lambda m: None)
+
+    real_save = train_state.save
+
+    def save_then_die(path, **kw):
+        real_save(path, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_state, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        stages.train(cfg, key, tmp_path / "b", log=lambda m: None)
+    path = stages.model_path(tmp_path / "b", cfg, key)
+    assert not path.exists() and train_state.epochs_done(stages.train_state_path(path)) == 1
+    monkeypatch.setattr(train_state, "save", real_save)
+    lines: list[str] = []
+    resumed, meta, trained = stages.train(cfg, key, tmp_path / "b", log=lines.append)
+    assert trained and meta["bench"]["resumed_after_epoch"] == 1 and any("resuming after epoch 1" in s for s in lines)
+    assert not stages.train_state_path(path).exists()
+    assert meta["bench"]["train_seconds"] >= sum(meta["bench"]["epoch_seconds"])
+    a, b = load_model(straight)[0].state_dict(), load_model(resumed)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

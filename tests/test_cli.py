@@ -26,6 +26,40 @@ def test_train_evaluate_round_trip_on_synthetic(data_root, capsys):
     assert row["acc"] == pytest.approx(meta["metrics"]["acc"]) and row["asr"] == pytest.approx(meta["metrics"]["asr"])
 
 
+def test_train_resume_continues_a_killed_run(data_root, capsys, monkeypatch):
+    """`fipurify train --resume`: a run killed after epoch 1 continues from OUT.train-state.pt, gives the
+    weights of an uninterrupted run, and removes the state file once the model is saved."""
+    import torch
+
+    from fipurify import load_model, train_state
+
+    argv = ["train", "--dataset", "synthetic", "--width", "4", "--epochs", "2", "--lr", "0.05", "--batch-size", "32",
+            "--reserve", "0.1", "--quiet"]
+    assert main(argv + ["--out", str(data_root / "straight.safetensors")]) == 0
+    out = data_root / "m.safetensors"
+    real_save = train_state.save
+
+    def save_then_die(path, **kw):
+        real_save(path, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_state, "save", save_then_die)
+    capsys.readouterr()
+    assert main(argv + ["--resume", "--out", str(out)]) == 130  # Ctrl-C after epoch 1
+    state = data_root / "m.safetensors.train-state.pt"
+    assert f"the same command continues from {state}" in capsys.readouterr().err
+    assert state.exists() and not out.exists()
+    monkeypatch.setattr(train_state, "save", real_save)
+    capsys.readouterr()
+    assert main(argv[:-1] + ["--resume", "--out", str(out)]) == 0
+    assert "resuming after epoch 1" in capsys.readouterr().err and not state.exists()
+    a, b = load_model(data_root / "straight.safetensors")[0].state_dict(), load_model(out)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["train", "--dataset", "synthetic", "--defense", "abl", "--resume",
+                 "--out", str(data_root / "d.safetensors")]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--dataset", "nope", "--out", "x.safetensors"], "unknown dataset"),
     (["train", "--dataset", "synthetic", "--attack", "nope", "--out", "x.safetensors"], "unknown attack"),

@@ -79,3 +79,66 @@ def test_smoothness_penalty_lowers_the_fisher_trace(train):
         TrainConfig(smoothness_penalty=-1).validate()
     with pytest.raises(ConfigError):
         TrainConfig(smoothness_interval=0).validate()
+
+
+# resumable training (checkpoint=..., fipurify.train_state)
+class _Interrupt(Exception):
+    pass
+
+
+def _resume_model():
+    from fipurify import models
+
+    torch.manual_seed(3)
+    return models.create("preactresnet18", num_classes=4, width=4, input_size=16)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "step"])
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, schedule):
+    """Killed after epoch 2 of 3 and resumed from its checkpoint, the run ends with the same weights,
+    bit for bit, as the run that was never stopped (same batches, augmentation and learning rates)."""
+    data = synthetic(n=96, num_classes=4, image_size=16, seed=2)
+    cfg = TrainConfig(epochs=3, lr=0.05, batch_size=32, seed=7, schedule=schedule, step_epochs=1)
+    straight = _resume_model()
+    full = train_model(straight, data, cfg, progress=False, log=None)
+
+    ckpt = tmp_path / "run.pt"
+    stopped = _resume_model()
+
+    def stop_after_two(rec):
+        if rec["epoch"] == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train_model(stopped, data, cfg, progress=False, log=None, checkpoint=ckpt, callback=stop_after_two)
+    resumed, lines = _resume_model(), []  # a fresh process: new weights, the file is all it has
+    hist = train_model(resumed, data, cfg, progress=False, log=lines.append, checkpoint=ckpt)
+    assert "resuming after epoch 2" in lines[0]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert [h["loss"] for h in hist] == [h["loss"] for h in full]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # a finished run's file returns at once with its history, the model as trained
+    again = _resume_model()
+    assert train_model(again, data, cfg, progress=False, log=None, checkpoint=ckpt) == hist
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    from fipurify.errors import ModelFileError
+
+    data = synthetic(n=64, num_classes=4, image_size=16)
+    ckpt = tmp_path / "run.pt"
+    train_model(_resume_model(), data, TrainConfig(epochs=1, batch_size=32), progress=False, log=None,
+                checkpoint=ckpt)
+    with pytest.raises(ConfigError, match="another run.*lr"):
+        train_model(_resume_model(), data, TrainConfig(epochs=1, batch_size=32, lr=0.01), progress=False,
+                    log=None, checkpoint=ckpt)
+    with pytest.raises(ConfigError, match="batches per epoch"):
+        train_model(_resume_model(), synthetic(n=160, num_classes=4, image_size=16),
+                    TrainConfig(epochs=1, batch_size=32), progress=False, log=None, checkpoint=ckpt)
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelFileError, match="not a readable"):
+        train_model(_resume_model(), data, TrainConfig(epochs=1, batch_size=32), progress=False, log=None,
+                    checkpoint=bogus)

@@ -45,6 +45,8 @@ def cmd_train(args) -> int:
                                 poison_rate=args.poison_rate, seed=args.seed,
                                 **({"mode": args.mode} if args.mode else {}), **attack_opts)
     defense = _training_defense(args)
+    if args.resume and defense is not None:
+        raise FipurifyError("--resume applies to plain training; a training-time defense follows its own schedule")
     arch_kw = _parse_options(args.arch_opt, "--arch-opt")
     load_kw = _parse_options(args.dataset_opt, "--dataset-opt")
     bundle = load_data(args.dataset, args.data_root, _reserve(args.reserve), args.seed, args.train_limit, **load_kw)
@@ -56,11 +58,14 @@ def cmd_train(args) -> int:
     print(f"training {args.arch} on {bundle.dataset_info['name']}: {len(bundle.train)} training {what}, "
           f"{len(bundle.reserve)} held out as clean reserve, attack: {args.attack}"
           + (f", training-time defense: {args.defense}" if defense is not None else ""), file=sys.stderr)
+    state = Path(str(args.out) + ".train-state.pt") if args.resume else None
     model, meta = train_backdoored(bundle, args.arch, attack, cfg, width=args.width,
                                    progress=_progress(args), log=lambda m: print(m, file=sys.stderr),
-                                   defense=defense, device=device, **arch_kw)
+                                   defense=defense, device=device, checkpoint=state, **arch_kw)
     meta["device"] = device  # where it was trained
     save_model(model, args.out, meta)
+    if state is not None:
+        state.unlink(missing_ok=True)
     m = meta["metrics"]
     name = {"accuracy": "ACC", "BLEU": "CT BLEU"}.get(m.get("metric", "accuracy"), m.get("metric"))
     print(f"saved {args.out}: {name} {100 * m['acc']:.2f}%"
@@ -331,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-limit", type=int, default=None,
                    help="train on a seeded subset of this size (default: the whole training set)")
     t.add_argument("--eval-every", type=int, default=1, help="measure ACC/ASR every N epochs (default: %(default)s)")
+    t.add_argument("--resume", action="store_true",
+                   help="resumable training: write the training state to OUT.train-state.pt after every epoch and, "
+                        "when that file exists, continue after its last epoch (same result as an uninterrupted "
+                        "run; the file is removed once OUT is saved) (default: off)")
     t.add_argument("--defense", default="none",
                    help="train through a training-time defense: " + " or ".join(available_training_defenses())
                         + " (default none); it follows its own "
@@ -440,7 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fipurify: error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("fipurify: interrupted; no output was written", file=sys.stderr)
+        state = Path(str(args.out) + ".train-state.pt") if getattr(args, "resume", False) else None
+        print("fipurify: interrupted; no output was written"
+              + (f"; the same command continues from {state}" if state is not None and state.exists() else ""),
+              file=sys.stderr)
         return 130
 
 

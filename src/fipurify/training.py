@@ -10,6 +10,7 @@ own metric (``task.score``) on ``clean_test`` instead of ACC / ASR, and no train
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import train_state
 from .curvature.fisher import fisher_trace
 from .errors import ConfigError, DataError
 from .tasks import Classification, Task, task_of
@@ -121,8 +123,16 @@ def _smoothness_term(model: nn.Module, logits: torch.Tensor, cfg: TrainConfig, s
 def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig | None = None, *,
                 clean_test: Dataset | None = None, backdoor_test: Dataset | None = None,
                 progress: bool = True, log: Callable[[str], None] | None = print,
-                callback: Callable[..., None] | None = None, task: Task | None = None) -> list[dict[str, Any]]:
+                callback: Callable[..., None] | None = None, task: Task | None = None,
+                checkpoint: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place on ``train_set``; returns one record per epoch.
+
+    ``checkpoint`` (a file path) makes the run resumable (:mod:`fipurify.train_state`): the
+    state is written there after every epoch, and a run that finds the file continues after
+    the last epoch it holds, with the same result as an uninterrupted run (a file written for
+    another configuration or training set is refused). The file is kept when training ends,
+    so a rerun returns at once with the stored history; delete it once the model is saved.
+    Callbacks see only the epochs run in this call.
 
     ``task`` is the problem (default ``task_of(train_set)``, image classification).
 
@@ -147,11 +157,19 @@ def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig | None
     sched = make_scheduler(opt, cfg, len(loader))
     history: list[dict[str, Any]] = []
     step, fisher_gen = 0, torch.Generator().manual_seed(cfg.seed + 104729)  # own stream: same batches with or without
+    generators = {"data": gen, "fisher": fisher_gen}
+    start = 1
+    state = train_state.load(checkpoint, config=cfg.to_dict(), batches_per_epoch=len(loader)) \
+        if checkpoint is not None else None
+    if state is not None:
+        train_state.restore(state, model=model, optimizer=opt, scheduler=sched, generators=generators)
+        history, step, start = list(state["history"]), int(state["step"]), int(state["epoch"]) + 1
     if log:
         log(f"{sum(p.numel() for p in model.parameters()):,} parameters; {cfg.epochs} "
-            f"epoch{'s' if cfg.epochs > 1 else ''} of {len(loader)} batches")
-    t_run = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+            f"epoch{'s' if cfg.epochs > 1 else ''} of {len(loader)} batches"
+            + (f"; resuming after epoch {start - 1} from {checkpoint}" if state is not None else ""))
+    t_run, step_run = time.perf_counter(), step
+    for epoch in range(start, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -177,8 +195,9 @@ def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig | None
                 correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-            if step == ESTIMATE_AFTER and log and cfg.epochs * len(loader) > ESTIMATE_AFTER:
-                log(duration_estimate(time.perf_counter() - t_run, step, cfg.epochs * len(loader), cfg.epochs))
+            if step - step_run == ESTIMATE_AFTER and log and cfg.epochs * len(loader) - step_run > ESTIMATE_AFTER:
+                log(duration_estimate(time.perf_counter() - t_run, ESTIMATE_AFTER,
+                                      cfg.epochs * len(loader) - step_run, cfg.epochs - start + 1))
         rec: dict[str, Any] = {"epoch": epoch, "loss": loss_sum / seen,
                                **({"train_acc": correct / seen} if classification else {}),
                                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
@@ -189,6 +208,10 @@ def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig | None
             else:
                 rec[task.metric] = task.score(model, clean_test)
         history.append(rec)
+        if checkpoint is not None:
+            train_state.save(checkpoint, config=cfg.to_dict(), batches_per_epoch=len(loader), epoch=epoch,
+                             step=step, model=model, optimizer=opt, scheduler=sched, generators=generators,
+                             history=history)
         if callback is not None:
             callback(rec, model) if getattr(callback, "needs_model", False) else callback(rec)
         if log:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,18 +181,22 @@ def check_model_takes(model: nn.Module, dataset: Any, arch: str) -> None:
 def train_backdoored(bundle: DataBundle, arch: str, attack: attacks.Attack | None,
                      config: TrainConfig, width: int | None = None, progress: bool = True,
                      log=print, defense=None, device: str | torch.device | None = None,
+                     checkpoint: str | os.PathLike | None = None,
                      **arch_kw) -> tuple[nn.Module, dict[str, Any]]:
     """Train a clean (``attack=None``) or backdoored model; returns it with its metadata.
 
     With ``defense`` (a :class:`~fipurify.defenses.training_time.TrainingDefense`) the model
     is trained through it on the poisoned set (its own schedule; ``config`` gives the seed);
     its report goes into the metadata as ``training_defense``. ``device`` places the model
-    (default: the CPU).
+    (default: the CPU). ``checkpoint`` makes plain training resumable (see
+    :func:`~fipurify.training.train_model`; not with a training-time defense).
 
     Attacks with ``needs_preparation`` (learned triggers) are prepared first on the
     training part (never the clean reserve); their spec in the metadata names the files
     they saved, and is checked to rebuild, so the backdoor test set can be rebuilt later.
     """
+    if checkpoint is not None and defense is not None:
+        raise ConfigError("a training-time defense follows its own schedule and cannot resume from a checkpoint")
     model = build_model(arch, bundle, width, config.seed, **arch_kw)
     task = task_of(bundle.train)
     if device is not None:  # e.g. "cuda"; data stay on the CPU and move batch by batch
@@ -213,7 +218,7 @@ def train_backdoored(bundle: DataBundle, arch: str, attack: attacks.Attack | Non
     else:
         # the task is given: a poisoned set need not carry its dataset's task
         history = train_model(model, train_set, config, clean_test=bundle.test, backdoor_test=backdoor_test,
-                              progress=progress, log=log, task=task)
+                              progress=progress, log=log, task=task, checkpoint=checkpoint)
     final = evaluate_task(model, bundle.test, backdoor_test, task)
     keep = ("acc", "asr", "lcr") if isinstance(task, Classification) else \
         tuple(k for k in final if not k.startswith("n_"))

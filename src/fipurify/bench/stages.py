@@ -193,6 +193,11 @@ def model_lock(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+def train_state_path(path: Path) -> Path:
+    """Where the training of the model to be saved at ``path`` keeps its resumable state."""
+    return path.with_name(path.name + ".train-state.pt")
+
+
 def cached_model_meta(path: Path, model_key: str) -> dict[str, Any] | None:
     """The metadata of the cached model at ``path`` if it is the one ``model_key`` names, else None."""
     from ..io import read_metadata
@@ -208,10 +213,11 @@ def cached_model_meta(path: Path, model_key: str) -> dict[str, Any] | None:
 
 # --------------------------------------------------------------------------- training
 def _fit(bundle, arch: str, attack, train_cfg, width, device: str, train_defense: dict[str, Any] | None,
-         seed: int, log: Callable[[str], None], **arch_kw):
+         seed: int, log: Callable[[str], None], checkpoint: Path, **arch_kw):
     """Train through :func:`fipurify.workflow.train_backdoored`, the one definition of a backdoored model.
 
-    A training-time defense (``train_defense``) is built from the registry and passed on.
+    A training-time defense (``train_defense``) is built from the registry and passed on;
+    plain training is resumable from ``checkpoint``.
     """
     from ..workflow import train_backdoored
 
@@ -219,6 +225,8 @@ def _fit(bundle, arch: str, attack, train_cfg, width, device: str, train_defense
     if train_defense is not None:
         kw["defense"] = _training_time().create_training_defense(
             train_defense["name"], **{"seed": seed, **(train_defense.get("options") or {})})
+    else:
+        kw["checkpoint"] = checkpoint
     return train_backdoored(bundle, arch, attack, train_cfg, width, progress=False, log=log, **kw, **arch_kw)
 
 
@@ -229,11 +237,14 @@ def train(model_cfg: dict[str, Any], model_key: str, cache: str | Path, *, data_
 
     A lock file beside the model (:func:`model_lock`) makes concurrent runners (sharing a
     cache folder) train it once; the file is written atomically, so a killed run leaves no
-    half model. ``locked=True`` says the caller already holds that lock (the bench worker
+    half model. Plain training writes its state beside the model after every epoch
+    (:func:`train_state_path`) and a killed run continues from it when rerun; the state file
+    is removed once the model is saved. ``locked=True`` says the caller already holds that lock (the bench worker
     takes it without waiting); otherwise this waits for it.
     """
     import torch
 
+    from .. import train_state
     from ..io import save_model
 
     path = model_path(cache, model_cfg, model_key)
@@ -253,15 +264,20 @@ def train(model_cfg: dict[str, Any], model_key: str, cache: str | Path, *, data_
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
+        state = train_state_path(path)
+        done_before = train_state.epochs_done(state)
         model, meta = _fit(bundle, m["arch"], attack, cfg, m.get("width"), device, model_cfg.get("train_defense"),
-                           seed, log, **(m.get("options") or {}))
-        seconds = time.perf_counter() - t0
+                           seed, log, state, **(m.get("options") or {}))
         epochs = [float(h["seconds"]) for h in meta["history"] if "seconds" in h]
+        # a resumed training: this call's wall time plus the epochs run before it
+        seconds = time.perf_counter() - t0 + sum(epochs[:done_before])
         meta["bench"] = {"model_key": model_key, "model_config": model_cfg, "train_seconds": seconds,
+                         **({"resumed_after_epoch": done_before} if done_before else {}),
                          "epoch_seconds": epochs, "peak_rss_mb": peak_rss_mb(),
                          "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else None,
                          **environment(device, None)}
         save_model(model.cpu(), path, meta)
+        state.unlink(missing_ok=True)
         return path, meta, True
 
 
