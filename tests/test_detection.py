@@ -284,3 +284,31 @@ def test_detect_zoo_benchmark_runs_on_one_model(saved_model, tmp_path, monkeypat
     assert row["method"] == "uap" and row["candidate"] == 0 and isinstance(row["seconds"], float)
     assert doc["summary"]["uap"]["n_models"] == 1
     assert "| tiny_badnets.safetensors | badnets | 0 |" in out.with_suffix(".md").read_text()
+
+
+def test_replayed_flip_rate_counts_only_other_classes_and_restores_the_mode():
+    """The replayed proxy ASR: images of the target class are left out, the model runs in eval mode
+    without parameter gradients, and both are restored afterwards."""
+    from fipurify.detection.report import Trigger
+
+    class BrightIsTwo(nn.Module):  # class 2 when the top-left pixel is bright, else class 0
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            assert not self.training and not self.w.requires_grad
+            hit = (x[:, 0, 0, 0] > 0.5).long()
+            return nn.functional.one_hot(2 * hit, 3).float() * self.w
+
+    mask = torch.zeros(1, 4, 4)
+    mask[0, 0, 0] = 1
+    trig = Trigger("mask-pattern", 2, mask=mask, pattern=torch.ones(3, 4, 4))
+    x = torch.zeros(10, 3, 4, 4)
+    y = torch.tensor([0, 1, 0, 1, 0, 1, 2, 2, 0, 1])  # images 6 and 7 are of the target class
+    model = BrightIsTwo().train()
+    rate, n = detection.replayed_flip_rate(model, trig, x, y, 2)
+    assert n == 8 and rate == 1.0
+    dark = Trigger("mask-pattern", 2, mask=mask, pattern=torch.zeros(3, 4, 4))
+    assert detection.replayed_flip_rate(model, dark, x, y, 2) == (0.0, 8)
+    assert model.training and model.w.requires_grad

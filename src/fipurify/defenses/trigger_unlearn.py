@@ -304,16 +304,11 @@ def _replayed(model: nn.Module, triggers: dict[int, Any], holdout: Dataset | Non
     is not this figure: it re-optimises a trigger, and stops at its flip-rate target (90 %) for any class."""
     if holdout is None or not triggers:
         return {}
-    from ..detection import flip_rate
+    from ..detection import replayed_flip_rate
 
     xs, ys = zip(*(holdout[i] for i in range(len(holdout))))
     x, y = torch.stack(list(xs)), torch.as_tensor([int(v) for v in ys])
-    was = model.training
-    model.eval()
-    try:
-        return {c: flip_rate(model, t, x[y != c], c) for c, t in triggers.items()}
-    finally:
-        model.train(was)
+    return {c: replayed_flip_rate(model, t, x, y, c)[0] for c, t in triggers.items()}
 
 
 def stamp_triggers(x: torch.Tensor, triggers: list, share: float, gen: torch.Generator) -> torch.Tensor:

@@ -187,6 +187,17 @@ def flip_rate(model: nn.Module, trigger: Trigger, images: torch.Tensor, target: 
     return hits / len(images)
 
 
+def replayed_flip_rate(model: nn.Module, trigger: Trigger, images: torch.Tensor, labels: torch.Tensor,
+                       target: int) -> tuple[float, int]:
+    """A recovered trigger replayed on ``model``: the share of the ``images`` of the classes other
+    than ``target`` that it sends to ``target`` (in eval mode, no gradients; the model's mode is
+    restored), and how many images that share is of. The trigger-free ASR estimate of a
+    purified model: the trigger recovered before purification stands in for the unknown real one."""
+    others = images[labels != target]
+    with _frozen(model):
+        return flip_rate(model, trigger, others, target), int(len(others))
+
+
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .base import Detector, _frozen, flip_rate
+from .base import Detector, replayed_flip_rate
 from .registry import create
 from .report import DetectionReport, _finite
 
@@ -31,10 +31,8 @@ def replay(detector: Detector, model: nn.Module, before: DetectionReport,
     if trig is None:
         return None
     data = detector.split(model, clean_data)
-    others = data.x_hold[data.y_hold != trig.target]
-    with _frozen(model):
-        asr = flip_rate(model, trig, others, trig.target)
-    return {"target": trig.target, "proxy_asr": asr, "n_images": int(len(others))}
+    asr, n = replayed_flip_rate(model, trig, data.x_hold, data.y_hold, trig.target)
+    return {"target": trig.target, "proxy_asr": asr, "n_images": n}
 
 
 class PurificationCheck:
