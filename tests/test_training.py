@@ -142,3 +142,21 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     with pytest.raises(ModelFileError, match="not a readable"):
         train_model(_resume_model(), data, TrainConfig(epochs=1, batch_size=32), progress=False, log=None,
                     checkpoint=bogus)
+
+
+def test_a_history_with_numpy_scalars_still_resumes(tmp_path):
+    """Metrics of other tasks may come back as numpy scalars; the state file must still load with
+    weights_only=True (plain Python values are stored)."""
+    import numpy as np
+
+    from fipurify import train_state
+
+    model = _resume_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    path = train_state.save(tmp_path / "s.pt", config={"epochs": 2}, batches_per_epoch=3, epoch=1, step=3,
+                            model=model, optimizer=opt, scheduler=sched, generators={"data": torch.Generator()},
+                            history=[{"epoch": 1, "mAP": np.float64(0.5), "n": np.int64(3), "acc": torch.tensor(0.25)}])
+    state = train_state.load(path, config={"epochs": 2}, batches_per_epoch=3)
+    assert state["history"] == [{"epoch": 1, "mAP": 0.5, "n": 3, "acc": 0.25}]
+    assert train_state.epochs_done(path) == 1

@@ -39,10 +39,23 @@ def save(path: str | os.PathLike, *, config: dict[str, Any], batches_per_epoch: 
              "generators": {k: g.get_state() for k, g in generators.items()},
              "global_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-             "history": list(history)}
+             "history": [{k: _plain(v) for k, v in rec.items()} for rec in history]}
     with atomic_output(path) as f:
         torch.save(state, f)
     return Path(path)
+
+
+def _plain(v: Any) -> Any:
+    """A history value as a plain Python object (a numpy or torch scalar would not load under weights_only)."""
+    if v is None or type(v) in (bool, int, float, str):  # exact types: numpy.float64 subclasses float
+        return v
+    if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 def load(path: str | os.PathLike, *, config: dict[str, Any], batches_per_epoch: int) -> dict[str, Any] | None:
