@@ -24,6 +24,13 @@ import torch
 from fipurify.io import load_model
 
 
+def _margins(out: torch.Tensor, t: int) -> torch.Tensor:
+    """Per image: logit of class ``t`` minus the largest other logit."""
+    others = out.clone()
+    others[:, t] = -torch.inf
+    return out[:, t] - others.max(1).values
+
+
 def max_margins(model: torch.nn.Module, classes: int, shape: tuple[int, ...], starts: int, steps: int,
                 seed: int) -> list[float]:
     g = torch.Generator().manual_seed(seed)
@@ -32,10 +39,7 @@ def max_margins(model: torch.nn.Module, classes: int, shape: tuple[int, ...], st
         x = torch.rand(starts, *shape, generator=g).requires_grad_(True)
         last = None
         for _ in range(steps):
-            out = model(x.clamp(0, 1))
-            others = out.clone()
-            others[:, t] = -torch.inf
-            loss = -(out[:, t] - others.max(1).values).sum()
+            loss = -_margins(model(x.clamp(0, 1)), t).sum()
             grad, = torch.autograd.grad(loss, x)
             with torch.no_grad():
                 x -= 0.01 * grad
@@ -43,10 +47,7 @@ def max_margins(model: torch.nn.Module, classes: int, shape: tuple[int, ...], st
                 break
             last = loss.item()
         with torch.no_grad():
-            out = model(x.clamp(0, 1))
-            others = out.clone()
-            others[:, t] = -torch.inf
-            stats.append(float((out[:, t] - others.max(1).values).max()))
+            stats.append(float(_margins(model(x.clamp(0, 1)), t).max()))
     return stats
 
 

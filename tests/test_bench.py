@@ -741,12 +741,12 @@ def test_a_killed_model_training_resumes_where_it_stopped(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         stages.train(cfg, key, tmp_path / "b", log=lambda m: None)
     path = stages.model_path(tmp_path / "b", cfg, key)
-    assert not path.exists() and train_state.epochs_done(stages.train_state_path(path)) == 1
+    assert not path.exists() and train_state.epochs_done(train_state.beside(path)) == 1
     monkeypatch.setattr(train_state, "save", real_save)
     lines: list[str] = []
     resumed, meta, trained = stages.train(cfg, key, tmp_path / "b", log=lines.append)
     assert trained and meta["bench"]["resumed_after_epoch"] == 1 and any("resuming after epoch 1" in s for s in lines)
-    assert not stages.train_state_path(path).exists()
+    assert not train_state.beside(path).exists()
     assert meta["bench"]["train_seconds"] >= sum(meta["bench"]["epoch_seconds"])
     a, b = load_model(straight)[0].state_dict(), load_model(resumed)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

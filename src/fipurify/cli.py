@@ -58,7 +58,9 @@ def cmd_train(args) -> int:
     print(f"training {args.arch} on {bundle.dataset_info['name']}: {len(bundle.train)} training {what}, "
           f"{len(bundle.reserve)} held out as clean reserve, attack: {args.attack}"
           + (f", training-time defense: {args.defense}" if defense is not None else ""), file=sys.stderr)
-    state = Path(str(args.out) + ".train-state.pt") if args.resume else None
+    from . import train_state
+
+    state = train_state.beside(args.out) if args.resume else None
     model, meta = train_backdoored(bundle, args.arch, attack, cfg, width=args.width,
                                    progress=_progress(args), log=lambda m: print(m, file=sys.stderr),
                                    defense=defense, device=device, checkpoint=state, **arch_kw)
@@ -449,7 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fipurify: error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        state = Path(str(args.out) + ".train-state.pt") if getattr(args, "resume", False) else None
+        from . import train_state
+
+        state = train_state.beside(args.out) if getattr(args, "resume", False) else None
         print("fipurify: interrupted; no output was written"
               + (f"; the same command continues from {state}" if state is not None and state.exists() else ""),
               file=sys.stderr)

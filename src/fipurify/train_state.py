@@ -11,8 +11,9 @@ nothing in it is unpickled as code): the format tag, the training configuration 
 number of batches per epoch (a file written for another run is refused with a one-line
 error), the epoch and step reached, the model's, the optimizer's and the scheduler's state
 dicts, the states of the run's random generators (batches + augmentation, the smoothness
-penalty's, and torch's global ones, which dropout draws from), and the per-epoch history so far. Writes are atomic (a killed run leaves the
-previous epoch's file, never half a file).
+penalty's, and torch's global ones, which dropout draws from), and the per-epoch history so
+far. Writes are atomic (a killed run leaves the previous epoch's file, never half a file).
+Beside a model file ``M`` the state lives in ``M.train-state.pt`` (:func:`beside`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ from .errors import ConfigError, ModelFileError
 from .io import atomic_output
 
 FORMAT = "fipurify-train-state/1"
+
+
+def beside(model_path: str | os.PathLike) -> Path:
+    """Where the training of the model saved at ``model_path`` keeps its state (``<model_path>.train-state.pt``)."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + ".train-state.pt")
 
 
 def save(path: str | os.PathLike, *, config: dict[str, Any], batches_per_epoch: int, epoch: int, step: int,
@@ -68,12 +75,7 @@ def load(path: str | os.PathLike, *, config: dict[str, Any], batches_per_epoch: 
     path = Path(path)
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one line
-        raise ModelFileError(f"{path} is not a readable fipurify training state ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ModelFileError(f"{path} is not a fipurify training state (format {FORMAT})")
+    state = _read(path)
     if state["config"] != dict(config) or state["batches_per_epoch"] != batches_per_epoch:
         changed = sorted(k for k in set(state["config"]) | set(config) if state["config"].get(k) != config.get(k))
         what = ", ".join(changed) if changed else \
@@ -83,13 +85,26 @@ def load(path: str | os.PathLike, *, config: dict[str, Any], batches_per_epoch: 
     return state
 
 
-def epochs_done(path: str | os.PathLike) -> int:
-    """How many epochs the state at ``path`` holds (0 when there is no file or it is unreadable)."""
+def _read(path: Path) -> dict[str, Any]:
+    """The training state in the file ``path`` (weights_only); ModelFileError if it is not one."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError):
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one line
+        raise ModelFileError(f"{path} is not a readable fipurify training state ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ModelFileError(f"{path} is not a fipurify training state (format {FORMAT})")
+    return state
+
+
+def epochs_done(path: str | os.PathLike) -> int:
+    """How many epochs the state at ``path`` holds (0 when there is no file or it is unreadable)."""
+    path = Path(path)
+    if not path.exists():
         return 0
-    return int(state.get("epoch", 0)) if isinstance(state, dict) and state.get("format") == FORMAT else 0
+    try:
+        return int(_read(path)["epoch"])
+    except ModelFileError:
+        return 0
 
 
 def restore(state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,

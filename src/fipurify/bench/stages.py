@@ -193,11 +193,6 @@ def model_lock(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def train_state_path(path: Path) -> Path:
-    """Where the training of the model to be saved at ``path`` keeps its resumable state."""
-    return path.with_name(path.name + ".train-state.pt")
-
-
 def cached_model_meta(path: Path, model_key: str) -> dict[str, Any] | None:
     """The metadata of the cached model at ``path`` if it is the one ``model_key`` names, else None."""
     from ..io import read_metadata
@@ -238,9 +233,9 @@ def train(model_cfg: dict[str, Any], model_key: str, cache: str | Path, *, data_
     A lock file beside the model (:func:`model_lock`) makes concurrent runners (sharing a
     cache folder) train it once; the file is written atomically, so a killed run leaves no
     half model. Plain training writes its state beside the model after every epoch
-    (:func:`train_state_path`) and a killed run continues from it when rerun; the state file
-    is removed once the model is saved. ``locked=True`` says the caller already holds that lock (the bench worker
-    takes it without waiting); otherwise this waits for it.
+    (:func:`fipurify.train_state.beside`) and a killed run continues from it when rerun; the
+    state file is removed once the model is saved. ``locked=True`` says the caller already
+    holds that lock (the bench worker takes it without waiting); otherwise this waits for it.
     """
     import torch
 
@@ -264,7 +259,7 @@ def train(model_cfg: dict[str, Any], model_key: str, cache: str | Path, *, data_
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        state = train_state_path(path)
+        state = train_state.beside(path)
         done_before = train_state.epochs_done(state)
         model, meta = _fit(bundle, m["arch"], attack, cfg, m.get("width"), device, model_cfg.get("train_defense"),
                            seed, log, state, **(m.get("options") or {}))
