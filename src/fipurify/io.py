@@ -2,7 +2,8 @@
 
 A fipurify model file is an ordinary ``.safetensors`` file. Its header metadata holds
 one JSON document under the key ``"fipurify"`` with the architecture and its
-arguments (so the model can be rebuilt), the caller's metadata (dataset, attack,
+arguments (so the model can be rebuilt, with the activation modules that carry bounds, if any:
+:mod:`fipurify.models.bounded`), the caller's metadata (dataset, attack,
 seed, clean-reserve digest, ...), and a SHA-256 digest of all tensors so that a
 tampered file is refused. Writes are atomic: a crash never leaves half a file.
 """
@@ -102,6 +103,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str,
     """
     from safetensors.torch import save
 
+    from .models.bounded import bounded_channels
     from .models.external import infer_spec
 
     meta = dict(metadata or {})
@@ -117,6 +119,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str,
     state = _plain_state(model)
     doc = {"format": FORMAT, "arch": spec["arch"], "arch_kwargs": spec["kwargs"],
            "metadata": meta, "tensors_sha256": tensors_digest(state)}
+    if bounds := bounded_channels(model):  # activation bounds (activation clipping): rebuilt on load
+        doc["activation_bounds"] = bounds
     try:
         header = {_KEY: json.dumps(doc, sort_keys=True)}
     except TypeError as e:
@@ -164,6 +168,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     from safetensors.torch import load_file
 
     from .models import external
+    from .models.bounded import insert_bounds
 
     doc = read_metadata(path)
     try:
@@ -176,6 +181,13 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         model = external.build(doc["arch"], doc["arch_kwargs"])
     except Exception as e:
         raise ModelFileError(f"{path}: cannot rebuild architecture {doc.get('arch')!r}: {e}") from None
+    try:
+        bounds = doc.get("activation_bounds") or {}
+        if not isinstance(bounds, dict) or not all(isinstance(v, int) and v > 0 for v in bounds.values()):
+            raise ConfigError(f"malformed activation_bounds {bounds!r}")
+        insert_bounds(model, bounds)
+    except ConfigError as e:
+        raise ModelFileError(f"{path}: cannot put its activation bounds on {doc['arch']!r}: {e}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -155,7 +155,11 @@ def infer_spec(model: nn.Module) -> dict[str, Any] | None:
         fresh = build(spec, {})
     except Exception:
         return None
-    mine, theirs = model.state_dict(), fresh.state_dict()
+    from .bounded import bounded_channels
+
+    bound_keys = {f"{name}.bound" for name in bounded_channels(model)}  # saved apart (fipurify.io)
+    mine = {k: v for k, v in model.state_dict().items() if k not in bound_keys}
+    theirs = fresh.state_dict()
     if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
         return None
     return {"arch": spec, "kwargs": {}}

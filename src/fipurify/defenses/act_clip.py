@@ -1,0 +1,224 @@
+"""Activation clipping: per-channel bounds on the early activations, learned from clean data.
+
+A trigger works by driving a few channels far beyond what clean images make of them. Clipping
+puts an upper bound ``b_c`` on every channel of the first part of the network and sets each bound
+as low as the clean data allow, so that what clean images do not need is cut. No weight changes:
+the returned model carries the bounds as buffers (:class:`~fipurify.models.bounded.BoundedActivation`),
+saves and loads like any other, and :func:`~fipurify.models.bounded.remove_bounds` takes them off.
+
+The mitigation released with MM-BD (Wang et al., "MM-BD: Post-Training Detection of Backdoor
+Attacks with Arbitrary Backdoor Pattern Types Using a Maximum Margin Statistic", IEEE S&P 2024)
+learns the bounds by minimising the clipped model's distance to the unclipped one plus a penalty
+on the bounds' size. Its raw form is not scale-free and collapses the bounds of a narrow model
+(``docs/default-purifier-devlog.md``, candidate 4a); this is its scale-free form (candidate 4f).
+With :math:`b^0_l` the per-channel maxima of module :math:`l`'s outputs over the clean images
+and :math:`r_l \\in [0, 1]^{C_l}` the bounds relative to them (:math:`b_l = r_l \\odot b^0_l`,
+starting at :math:`r_l = 1`):
+
+.. math::
+
+   \\min_r \\; \\frac{\\lVert f_{r}(x) - f(x) \\rVert^2}{\\mathrm{Var}(f(x))}
+   + c \\, \\frac{1}{L} \\sum_l \\frac{\\lVert r_l \\rVert_2}{\\sqrt{C_l}}
+
+(mean squared error over the batch's logits), Adam on :math:`r` (``lr``), ``epochs`` shuffled passes of
+``batch_size`` over the clean training split, :math:`r` clamped to :math:`[0, 1]` after each step.
+After every epoch the clipped model's predictions are compared with the unclipped model's on those
+images: if they agree on at least ``agreement`` of them, these bounds are kept as the best so far and
+:math:`c` is multiplied by ``penalty_factor`` (clip harder), else divided by it. The bounds returned
+are the last that met the agreement (none met it: the clean maxima, which cut nothing clean).
+The modules bounded are the first ``layers`` share of the model's activation modules in forward
+order (:func:`~fipurify.models.bounded.activations_in_order`; for PreActResNet18 at 0.5, every
+ReLU of its first two stages), as the authors' code clips the first stages of a ResNet.
+
+Settings: 50 epochs, batch 200, Adam lr 0.1, ``c`` from 0.5 by a factor 1.2 are the authors';
+98 % agreement is fipurify's (the default purifier's budget is 2 points of clean accuracy).
+Measured alone it removes only some backdoors (devlog, candidate 4f); ``detect-unlearn-clip``
+(:mod:`fipurify.defenses.sequence`) runs it after ``detect-unlearn``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..models.bounded import ACTIVATIONS, activations_in_order, insert_bounds
+from .base import DEFENSES, Defense, DefenseConfig, EpochCallback, Step
+
+
+@dataclass
+class ActivationClipConfig(DefenseConfig):
+    """Options of :class:`ActivationClip` (see the module doc).
+
+    ``layers``: share of the activation modules bounded, in forward order (at least one).
+    ``agreement``: share of the clean training images on which the clipped model must predict as
+    the unclipped one. ``penalty``: the starting weight ``c`` of the bounds' size;
+    ``penalty_factor``: its step after each epoch. ``epochs``, ``lr`` (Adam) and ``batch_size`` drive
+    the optimisation of the bounds; the fine-tuning options of :class:`DefenseConfig` are unused
+    (no weight changes).
+    """
+    epochs: int = 50
+    lr: float = 0.1
+    batch_size: int = 200
+    layers: float = 0.5
+    agreement: float = 0.98
+    penalty: float = 0.5
+    penalty_factor: float = 1.2
+
+    def validate(self) -> "ActivationClipConfig":
+        super().validate()
+        if not 0 < self.layers <= 1:
+            raise ConfigError(f"layers must lie in (0, 1], got {self.layers}")
+        if not 0 < self.agreement <= 1:
+            raise ConfigError(f"agreement must lie in (0, 1], got {self.agreement}")
+        if not self.penalty > 0:
+            raise ConfigError(f"penalty must be positive, got {self.penalty}")
+        if not self.penalty_factor >= 1:
+            raise ConfigError(f"penalty_factor must be >= 1, got {self.penalty_factor}")
+        return self
+
+
+def _inputs(data: Dataset, device: torch.device) -> torch.Tensor:
+    return torch.cat([x for x, _ in DataLoader(data, batch_size=256)]).to(device)
+
+
+def _logits(model: nn.Module, x: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The model's outputs on ``x`` in batches of 200, with ``buffers`` in place of its own."""
+    parts = [functional_call(model, buffers or {}, (x[i:i + 200],)) for i in range(0, len(x), 200)]
+    return torch.cat(parts)
+
+
+class ActivationClip(Defense):
+    """Per-channel activation bounds learned from clean data, no weight changes (see module doc)."""
+
+    name = "act-clip"
+    summary = {"act-clip": "activation clipping (MM-BD's mitigation, scale-free): per-channel bounds on the early "
+                           "activations, as low as 98 % agreement on the clean images allows; no weight changes"}
+    config_class = ActivationClipConfig
+    config: ActivationClipConfig
+    tasks = ("image-classification",)
+    task_reason = "its bounds are per channel of convolutional feature maps (N, C, H, W), measured on images only"
+
+    def check_model(self, model: nn.Module) -> None:
+        if not any(isinstance(m, ACTIVATIONS) for m in model.modules()):
+            raise ConfigError(f"{self.method_name()} bounds activation modules, and this "
+                              f"{type(model).__name__} has none (it may call torch.nn.functional.relu instead "
+                              "of an nn.ReLU module)")
+
+    def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
+                progress: bool, callback: EpochCallback | None) -> Step:
+        cfg = self.config
+        t0 = time.perf_counter()
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            x = _inputs(train_set, device)
+            order = activations_in_order(model, x[:2])
+            chosen = order[: max(1, int(len(order) * cfg.layers))]
+            if any(c < 1 for _, c in chosen):
+                raise ConfigError("an activation to bound has no channel dimension (its output is 1-D)")
+            insert_bounds(model, {name: channels for name, channels in chosen})  # +inf: the model as it was
+            maxima = _clean_maxima(model, [n for n, _ in chosen], x)
+            with torch.no_grad():
+                ref = _logits(model, x)
+            ref_pred, var = ref.argmax(1), ref.var().clamp_min(1e-12)
+            setup = time.perf_counter() - t0
+            best, c, history = self._learn(model, x, ref, ref_pred, var, maxima, progress, callback)
+            for name, r in best.items():
+                model.get_submodule(name).bound.copy_(maxima[name] * r)
+            with torch.no_grad():
+                agree = float((_logits(model, x).argmax(1) == ref_pred).float().mean())
+                held = None
+                if holdout is not None and len(holdout):
+                    held = _holdout_agreement(model, _inputs(holdout, device), [n for n, _ in chosen])
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            model.train(was_training)
+        extra = {"bounded": {n: ch for n, ch in chosen}, "relative_bounds": {n: float(r.mean()) for n, r in best.items()},
+                 "penalty_final": c, "agreement": agree, "holdout_agreement": held}
+        return Step(model, history, sum(ch for _, ch in chosen), {"setup": setup}, extra)
+
+    def _learn(self, model, x, ref, ref_pred, var, maxima, progress, callback):
+        """The optimisation of the relative bounds (module doc); returns the kept bounds, the final
+        ``c`` and one record per epoch."""
+        cfg = self.config
+        rel = {n: torch.ones_like(m, requires_grad=True) for n, m in maxima.items()}
+        best = {n: r.detach().clone() for n, r in rel.items()}
+        opt = torch.optim.Adam(list(rel.values()), lr=cfg.lr)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        c = cfg.penalty
+        history: list[dict[str, Any]] = []
+        for epoch in tqdm(range(1, cfg.epochs + 1), desc="activation bounds", disable=not progress, leave=False):
+            t0 = time.perf_counter()
+            total, batches = 0.0, 0
+            for j in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
+                j = j.to(x.device)
+                bounds = {f"{n}.bound": maxima[n] * r for n, r in rel.items()}
+                fit = F.mse_loss(functional_call(model, bounds, (x[j],)), ref[j]) / var
+                size = torch.stack([r.norm() / r.numel() ** 0.5 for r in rel.values()]).mean()
+                loss = fit + c * size
+                grads = torch.autograd.grad(loss, list(rel.values()))
+                for r, g in zip(rel.values(), grads):
+                    r.grad = g
+                opt.step()
+                with torch.no_grad():
+                    for r in rel.values():
+                        r.clamp_(0.0, 1.0)
+                total, batches = total + float(loss.detach()), batches + 1
+            with torch.no_grad():
+                bounds = {f"{n}.bound": maxima[n] * r for n, r in rel.items()}
+                agree = float((_logits(model, x, bounds).argmax(1) == ref_pred).float().mean())
+            ok = agree >= cfg.agreement
+            if ok:
+                best = {n: r.detach().clone() for n, r in rel.items()}
+            rec = {"epoch": epoch, "loss": total / max(batches, 1), "agreement": agree, "penalty": c,
+                   "mean_relative_bound": float(torch.cat([r.detach() for r in rel.values()]).mean()),
+                   "kept": ok, "seconds": time.perf_counter() - t0}
+            c = c * cfg.penalty_factor if ok else c / cfg.penalty_factor
+            history.append(rec)
+            if callback is not None:
+                callback(rec)
+        return best, c, history
+
+
+def _clean_maxima(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-channel maximum of each named bounded module's output over ``x`` (all other dimensions)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(_m, _i, o):
+            m = o.detach().amax(dim=tuple(d for d in range(o.dim()) if d != 1))
+            out[name] = m if name not in out else torch.maximum(out[name], m)
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            _logits(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def _holdout_agreement(model: nn.Module, x: torch.Tensor, names: list[str]) -> float:
+    """Share of ``x`` on which the bounded model predicts as it would without its bounds."""
+    with torch.no_grad():
+        clipped = _logits(model, x).argmax(1)
+        free = {f"{n}.bound": torch.full_like(model.get_submodule(n).bound, float("inf")) for n in names}
+        plain = _logits(model, x, free).argmax(1)
+    return float((clipped == plain).float().mean())
+
+DEFENSES.register("act-clip", ActivationClip)

@@ -1,0 +1,105 @@
+"""Several registered purification methods run one after the other on the same clean data.
+
+``Sequence(steps=("detect-unlearn", "act-clip"))`` purifies with the first method, hands the
+result to the second, and so on; each step is the registered method with its own presets (plus
+``options[step]``), sees the whole clean set (so each splits off the same hold-out, seeded alike)
+and never test data. Every step's task and model checks run before the first step computes.
+The report lists each step's report under ``steps``, keeps the per-epoch records of all of them
+(each labelled with its ``step``), sums their times, and lifts their method-specific fields to the
+top (a later step's field wins a clash), so e.g. ``detect-unlearn``'s detector ``rounds`` read as
+they do for that method alone.
+
+Registered: ``detect-unlearn-clip`` = ``detect-unlearn`` then ``act-clip`` (issue 19's candidate
+4g, ``docs/default-purifier-devlog.md``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ConfigError
+from ..tasks import Task
+from ..validation import as_dataset
+from .base import DEFENSES, Defense, EpochCallback, Options, labelled
+
+_COMMON = {"method", "config", "n_clean_train", "n_holdout", "n_trainable", "seconds", "history"}
+
+
+@dataclass
+class SequenceConfig(Options):
+    """``steps``: registered method names, run in order; ``options``: ``{step: {option: value}}``
+    for any of them; ``seed``: given to every step."""
+    steps: tuple[str, ...] = ()
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seed: int = 0
+
+    def validate(self) -> "SequenceConfig":
+        if not self.steps:
+            raise ConfigError("a sequence needs at least one step (a registered method name)")
+        for s in self.steps:
+            if DEFENSES.entry(s).obj is Sequence:  # entry() raises the registry's one-line error if unknown
+                raise ConfigError(f"step {s!r} is itself a sequence; list its steps instead")
+        stray = sorted(set(self.options) - set(self.steps))
+        if stray:
+            raise ConfigError(f"options given for {', '.join(stray)}, which is not a step of {list(self.steps)}")
+        return self
+
+    def _coerce(self, overrides: dict[str, Any]) -> None:
+        if "steps" in overrides and overrides["steps"] is not None:
+            overrides["steps"] = tuple(str(s) for s in overrides["steps"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": list(self.steps), "options": {k: dict(v) for k, v in self.options.items()},
+                "seed": self.seed}
+
+
+class Sequence(Defense):
+    """Registered methods one after the other (see module doc)."""
+
+    name = "sequence"
+    summary = {"detect-unlearn-clip": "`detect-unlearn`, then `act-clip` (activation clipping, always acting)"}
+    config_class = SequenceConfig  # type: ignore[assignment]
+    config: SequenceConfig  # type: ignore[assignment]
+
+    def make_steps(self) -> list[Defense]:
+        """The configured step defenses (each with its registered presets, ``options[step]`` and the seed)."""
+        from .registry import create  # the registry imports this module
+
+        return [create(s, **{**self.config.options.get(s, {}), "seed": self.config.seed}) for s in self.config.steps]
+
+    def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *, task: Task | str | None = None,
+               progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
+        t_start = time.perf_counter()
+        steps = self.make_steps()
+        source = task if task is not None else as_dataset(clean_data)
+        for d in steps:  # every refusal before any compute
+            d.use_task(source)
+            d.check_model(model)
+        self.task = steps[0].task
+        reports: list[dict[str, Any]] = []
+        for name, d in zip(self.config.steps, steps):
+            model = d.purify(model, clean_data, task=task, progress=progress,
+                             callback=labelled(callback, "step", name))
+            for rec in d.report.get("history", []):
+                rec.setdefault("step", name)
+            reports.append(d.report)
+        seconds: dict[str, float] = {"total": time.perf_counter() - t_start}
+        seconds["train"] = sum(r["seconds"].get("train", 0.0) for r in reports)
+        for name, r in zip(self.config.steps, reports):
+            seconds[name] = r["seconds"]["total"]
+        lifted: dict[str, Any] = {}
+        for r in reports:
+            lifted.update({k: v for k, v in r.items() if k not in _COMMON})
+        self.report = {"method": self.method_name(), "config": self.config.to_dict(),
+                       "n_clean_train": reports[-1]["n_clean_train"], "n_holdout": reports[-1]["n_holdout"],
+                       "n_trainable": sum(r["n_trainable"] for r in reports), **lifted,
+                       "steps": [{k: v for k, v in r.items() if k != "history"} for r in reports],
+                       "seconds": seconds, "history": [h for r in reports for h in r.get("history", [])]}
+        return model
+
+
+DEFENSES.register("detect-unlearn-clip", Sequence, steps=("detect-unlearn", "act-clip"))
