@@ -202,9 +202,20 @@ def test_a_sequence_refuses_before_any_step_computes():
     x, y = _toy_data(40, 0)
     seen = []
     with pytest.raises(ConfigError, match="has none"):  # act-clip's refusal, before ft trains
-        DEFENSES.create("detect-unlearn-clip", steps=("ft", "act-clip")).purify(
+        DEFENSES.create("detect-unlearn-clip", steps=("ft", "act-clip"), optional=()).purify(
             Functional(), TensorDataset(x, y), progress=False, callback=seen.append)
     assert seen == []
+    d = DEFENSES.create("detect-unlearn-clip", steps=("ft", "act-clip"), optional=("act-clip",),
+                        options={"ft": {"epochs": 1, "augment": False}})
+    d.purify(Functional(), TensorDataset(x, y), progress=False, callback=seen.append)  # act-clip left out
+    assert [s["method"] for s in d.report["steps"]] == ["ft"] and len(seen) == 1
+    assert "has none" in d.report["skipped_steps"]["act-clip"]
+    with pytest.raises(ConfigError, match="no step"):
+        DEFENSES.create("detect-unlearn-clip", steps=("act-clip",), optional=("act-clip",)).purify(
+            Functional(), TensorDataset(x, y), progress=False)
+    with pytest.raises(ConfigError, match="optional for ft"):
+        DEFENSES.create("detect-unlearn-clip", steps=("act-clip",), optional=("ft",))
+    assert DEFENSES.create("detect-unlearn-clip").config.optional == ("act-clip",)
     with pytest.raises(ConfigError, match="unknown method"):
         DEFENSES.create("detect-unlearn-clip", steps=("ft", "no-such-method"))
     with pytest.raises(ConfigError, match="not a step"):

@@ -7,10 +7,12 @@ and never test data. Every step's task and model checks run before the first ste
 The report lists each step's report under ``steps``, keeps the per-epoch records of all of them
 (each labelled with its ``step``), sums their times, and lifts their method-specific fields to the
 top (a later step's field wins a clash), so e.g. ``detect-unlearn``'s detector ``rounds`` read as
-they do for that method alone.
+they do for that method alone. A step named in ``optional`` that refuses the model (e.g. clipping a
+model that calls ``torch.nn.functional.relu`` instead of ReLU modules) is left out and listed with
+its reason under ``skipped_steps``.
 
-Registered: ``detect-unlearn-clip`` = ``detect-unlearn`` then ``act-clip`` (issue 19's candidate
-4g, ``docs/default-purifier-devlog.md``).
+Registered: ``detect-unlearn-clip`` = ``detect-unlearn`` then ``act-clip`` (optional) (issue 19's
+candidate 4g, ``docs/default-purifier-devlog.md``).
 """
 from __future__ import annotations
 
@@ -32,9 +34,11 @@ _COMMON = {"method", "config", "n_clean_train", "n_holdout", "n_trainable", "sec
 @dataclass
 class SequenceConfig(Options):
     """``steps``: registered method names, run in order; ``options``: ``{step: {option: value}}``
-    for any of them; ``seed``: given to every step."""
+    for any of them; ``optional``: steps that are left out (the report says why) when they refuse the
+    model or its task, instead of refusing the whole sequence; ``seed``: given to every step."""
     steps: tuple[str, ...] = ()
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    optional: tuple[str, ...] = ()
     seed: int = 0
 
     def validate(self) -> "SequenceConfig":
@@ -43,18 +47,20 @@ class SequenceConfig(Options):
         for s in self.steps:
             if DEFENSES.entry(s).obj is Sequence:  # entry() raises the registry's one-line error if unknown
                 raise ConfigError(f"step {s!r} is itself a sequence; list its steps instead")
-        stray = sorted(set(self.options) - set(self.steps))
-        if stray:
-            raise ConfigError(f"options given for {', '.join(stray)}, which is not a step of {list(self.steps)}")
+        for what, names in (("options given", self.options), ("optional", self.optional)):
+            stray = sorted(set(names) - set(self.steps))
+            if stray:
+                raise ConfigError(f"{what} for {', '.join(stray)}, which is not a step of {list(self.steps)}")
         return self
 
     def _coerce(self, overrides: dict[str, Any]) -> None:
-        if "steps" in overrides and overrides["steps"] is not None:
-            overrides["steps"] = tuple(str(s) for s in overrides["steps"])
+        for key in ("steps", "optional"):
+            if key in overrides and overrides[key] is not None:
+                overrides[key] = tuple(str(s) for s in overrides[key])
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "options": {k: dict(v) for k, v in self.options.items()},
-                "seed": self.seed}
+                "optional": list(self.optional), "seed": self.seed}
 
 
 class Sequence(Defense):
@@ -74,14 +80,25 @@ class Sequence(Defense):
     def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *, task: Task | str | None = None,
                progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
         t_start = time.perf_counter()
-        steps = self.make_steps()
         source = task if task is not None else as_dataset(clean_data)
-        for d in steps:  # every refusal before any compute
-            d.use_task(source)
-            d.check_model(model)
-        self.task = steps[0].task
+        runs: list[tuple[str, Defense]] = []
+        skipped: dict[str, str] = {}
+        for name, d in zip(self.config.steps, self.make_steps()):  # every refusal before any compute
+            try:
+                d.use_task(source)
+                d.check_model(model)
+            except ConfigError as e:
+                if name not in self.config.optional:
+                    raise
+                skipped[name] = str(e)
+                continue
+            runs.append((name, d))
+        if not runs:
+            raise ConfigError(f"no step of {list(self.config.steps)} can act on this model: "
+                              + "; ".join(skipped.values()))
+        self.task = runs[0][1].task
         reports: list[dict[str, Any]] = []
-        for name, d in zip(self.config.steps, steps):
+        for name, d in runs:
             model = d.purify(model, clean_data, task=task, progress=progress,
                              callback=labelled(callback, "step", name))
             for rec in d.report.get("history", []):
@@ -89,7 +106,7 @@ class Sequence(Defense):
             reports.append(d.report)
         seconds: dict[str, float] = {"total": time.perf_counter() - t_start}
         seconds["train"] = sum(r["seconds"].get("train", 0.0) for r in reports)
-        for name, r in zip(self.config.steps, reports):
+        for (name, _), r in zip(runs, reports):
             seconds[name] = r["seconds"]["total"]
         lifted: dict[str, Any] = {}
         for r in reports:
@@ -98,8 +115,9 @@ class Sequence(Defense):
                        "n_clean_train": reports[-1]["n_clean_train"], "n_holdout": reports[-1]["n_holdout"],
                        "n_trainable": sum(r["n_trainable"] for r in reports), **lifted,
                        "steps": [{k: v for k, v in r.items() if k != "history"} for r in reports],
+                       "skipped_steps": skipped,
                        "seconds": seconds, "history": [h for r in reports for h in r.get("history", [])]}
         return model
 
 
-DEFENSES.register("detect-unlearn-clip", Sequence, steps=("detect-unlearn", "act-clip"))
+DEFENSES.register("detect-unlearn-clip", Sequence, steps=("detect-unlearn", "act-clip"), optional=("act-clip",))
