@@ -159,6 +159,23 @@ def test_output_path_is_checked_before_anything(data_root, capsys, monkeypatch):
     assert (data_root / "new" / "dir" / "m.safetensors").exists()
 
 
+def test_purify_with_activation_clipping_saves_a_clipped_model_and_says_what_it_bounded(data_root, capsys):
+    model = data_root / "m.safetensors"
+    assert main(["train", "--dataset", "synthetic", "--width", "4", "--epochs", "1", "--batch-size", "32",
+                 "--reserve", "0.1", "--quiet", "--out", str(model)]) == 0
+    out = data_root / "clipped.safetensors"
+    capsys.readouterr()
+    assert main(["purify", str(model), "--method", "act-clip", "--clean-size", "40", "--epochs", "3",
+                 "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "activation bounds on 8 modules" in printed and "% of the clean images" in printed
+    from fipurify import load_model
+    from fipurify.models.bounded import bounded_channels
+    clipped, meta = load_model(out)
+    assert len(bounded_channels(clipped)) == 8 and meta["purification"]["method"] == "act-clip"
+    assert main(["evaluate", str(out)]) == 0
+
+
 def test_missing_test_data_is_reported_before_purifying(data_root, capsys):
     import time
     model = _cifar_like_model(data_root)

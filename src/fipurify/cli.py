@@ -193,9 +193,9 @@ def cmd_purify(args) -> int:
               "device": str(next(model.parameters()).device)}
     if args.verify:
         print(format_comparison(report["detector"]))
-    from .defenses.trigger_unlearn import format_rounds
-    if (rounds := format_rounds(report)) is not None:
-        print(rounds)
+    from .defenses.describe import report_lines
+    for line in report_lines(report):
+        print(line)
     if test_data is not None:
         rows = [{"model": "before", **report["before"]}, {"model": "after", **report["after"]}]
         if report["der"] is not None:
@@ -279,9 +279,9 @@ def cmd_demo(args) -> int:
     rows = [{"model": "backdoored", **result.before},
             {"model": f"purified ({args.method})", **result.after, "der": result.der}]
     print(format_table(rows, ["model", "acc", "asr", "lcr", "der"]))
-    from .defenses.trigger_unlearn import format_rounds
-    if (rounds := format_rounds(defense.report)) is not None:
-        print(rounds)
+    from .defenses.describe import report_lines
+    for line in report_lines(defense.report):
+        print(line)
     print(f"total {time.perf_counter() - t_start:.0f}s (purification {defense.report['seconds']['total']:.0f}s)")
     return 0
 

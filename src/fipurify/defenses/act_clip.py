@@ -222,3 +222,19 @@ def _holdout_agreement(model: nn.Module, x: torch.Tensor, names: list[str]) -> f
     return float((clipped == plain).float().mean())
 
 DEFENSES.register("act-clip", ActivationClip)
+
+
+def format_bounds(report: dict[str, Any]) -> str | None:
+    """One line on the bounds a clipping run set (None if the report has none), e.g. ``activation
+    bounds on 16 modules at 0.34 - 0.56 of their clean maxima (mean 0.43); the clipped model agrees with
+    the unclipped one on 98.0 % of the clean images (hold-out 98.0 %)``."""
+    rel = report.get("relative_bounds")
+    if not rel:
+        return None
+    values = list(rel.values())
+    out = (f"activation bounds on {len(values)} module{'s' if len(values) != 1 else ''} at "
+           f"{min(values):.2f} - {max(values):.2f} of their clean maxima (mean {sum(values) / len(values):.2f}); "
+           f"the clipped model agrees with the unclipped one on {100 * report['agreement']:.1f} % of the clean images")
+    if report.get("holdout_agreement") is not None:
+        out += f" (hold-out {100 * report['holdout_agreement']:.1f} %)"
+    return out
