@@ -175,9 +175,8 @@ def test_a_sequence_runs_its_steps_in_order_and_reports_each():
     model = Toy()
     x, y = _toy_data(200, 0)
     seen = []
-    d = DEFENSES.create("detect-unlearn-clip",
-                        steps=("ft", "act-clip"), options={"ft": {"epochs": 2, "batch_size": 50, "augment": False},
-                                                          "act-clip": {"epochs": 3}})
+    d = DEFENSES.create("sequence", steps=("ft", "act-clip"),
+                        options={"ft": {"epochs": 2, "batch_size": 50, "augment": False}, "act-clip": {"epochs": 3}})
     out = d.purify(model, TensorDataset(x, y), progress=False, callback=lambda r: seen.append(r["step"]))
     rep = d.report
     assert [s["method"] for s in rep["steps"]] == ["ft", "act-clip"]
@@ -202,24 +201,26 @@ def test_a_sequence_refuses_before_any_step_computes():
     x, y = _toy_data(40, 0)
     seen = []
     with pytest.raises(ConfigError, match="has none"):  # act-clip's refusal, before ft trains
-        DEFENSES.create("detect-unlearn-clip", steps=("ft", "act-clip"), optional=()).purify(
+        DEFENSES.create("sequence", steps=("ft", "act-clip")).purify(
             Functional(), TensorDataset(x, y), progress=False, callback=seen.append)
     assert seen == []
-    d = DEFENSES.create("detect-unlearn-clip", steps=("ft", "act-clip"), optional=("act-clip",),
+    d = DEFENSES.create("sequence", steps=("ft", "act-clip"), optional=("act-clip",),
                         options={"ft": {"epochs": 1, "augment": False}})
     d.purify(Functional(), TensorDataset(x, y), progress=False, callback=seen.append)  # act-clip left out
     assert [s["method"] for s in d.report["steps"]] == ["ft"] and len(seen) == 1
     assert "has none" in d.report["skipped_steps"]["act-clip"]
     with pytest.raises(ConfigError, match="no step"):
-        DEFENSES.create("detect-unlearn-clip", steps=("act-clip",), optional=("act-clip",)).purify(
+        DEFENSES.create("sequence", steps=("act-clip",), optional=("act-clip",)).purify(
             Functional(), TensorDataset(x, y), progress=False)
     with pytest.raises(ConfigError, match="optional for ft"):
-        DEFENSES.create("detect-unlearn-clip", steps=("act-clip",), optional=("ft",))
+        DEFENSES.create("sequence", steps=("act-clip",), optional=("ft",))
     assert DEFENSES.create("detect-unlearn-clip").config.optional == ("act-clip",)
     with pytest.raises(ConfigError, match="unknown method"):
-        DEFENSES.create("detect-unlearn-clip", steps=("ft", "no-such-method"))
+        DEFENSES.create("sequence", steps=("ft", "no-such-method"))
     with pytest.raises(ConfigError, match="not a step"):
         DEFENSES.create("detect-unlearn-clip", options={"ft": {"epochs": 1}})
+    with pytest.raises(ConfigError, match="at least one step"):
+        DEFENSES.create("sequence")
     with pytest.raises(ConfigError, match="itself a sequence"):
         DEFENSES.create("detect-unlearn-clip", steps=("detect-unlearn-clip",))
     assert DEFENSES.create("detect-unlearn-clip").config.steps == ("detect-unlearn", "act-clip")

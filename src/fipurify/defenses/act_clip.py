@@ -146,8 +146,8 @@ class ActivationClip(Defense):
             for p in frozen:
                 p.requires_grad_(True)
             model.train(was_training)
-        extra = {"bounded": {n: ch for n, ch in chosen}, "relative_bounds": {n: float(r.mean()) for n, r in best.items()},
-                 "penalty_final": c, "agreement": agree, "holdout_agreement": held}
+        extra = {"bounded": {n: ch for n, ch in chosen},
+                 "relative_bounds": {n: float(r.mean()) for n, r in best.items()}, "penalty_final": c, "agreement": agree, "holdout_agreement": held}
         return Step(model, history, sum(ch for _, ch in chosen), {"setup": setup}, extra)
 
     def _learn(self, model, x, ref, ref_pred, var, maxima, progress, callback):

@@ -11,8 +11,8 @@ they do for that method alone. A step named in ``optional`` that refuses the mod
 model that calls ``torch.nn.functional.relu`` instead of ReLU modules) is left out and listed with
 its reason under ``skipped_steps``.
 
-Registered: ``detect-unlearn-clip`` = ``detect-unlearn`` then ``act-clip`` (optional) (issue 19's
-candidate 4g, ``docs/default-purifier-devlog.md``).
+Registered as ``sequence`` (name the ``steps``) and ``detect-unlearn-clip`` = ``detect-unlearn`` then
+``act-clip`` (optional) (issue 19's candidate 4g, ``docs/default-purifier-devlog.md``).
 """
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ class Sequence(Defense):
     """Registered methods one after the other (see module doc)."""
 
     name = "sequence"
-    summary = {"detect-unlearn-clip": "`detect-unlearn`, then `act-clip` (activation clipping, always acting)"}
+    summary = {"sequence": "registered methods one after the other (`--set steps='[\"ft\", \"act-clip\"]'`)",
+               "detect-unlearn-clip": "`detect-unlearn`, then `act-clip` (activation clipping, always acting)"}
     config_class = SequenceConfig  # type: ignore[assignment]
     config: SequenceConfig  # type: ignore[assignment]
 
@@ -120,4 +121,5 @@ class Sequence(Defense):
         return model
 
 
+DEFENSES.register("sequence", Sequence)
 DEFENSES.register("detect-unlearn-clip", Sequence, steps=("detect-unlearn", "act-clip"), optional=("act-clip",))
