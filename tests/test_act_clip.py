@@ -224,3 +224,16 @@ def test_a_sequence_refuses_before_any_step_computes():
     with pytest.raises(ConfigError, match="itself a sequence"):
         DEFENSES.create("detect-unlearn-clip", steps=("detect-unlearn-clip",))
     assert DEFENSES.create("detect-unlearn-clip").config.steps == ("detect-unlearn", "act-clip")
+
+
+def test_options_not_of_the_sequence_go_to_every_step_that_takes_them():
+    d = DEFENSES.create("sequence", steps=("ft", "act-clip"), epochs=3, agreement=0.9,
+                        options={"act-clip": {"epochs": 7}})
+    ft, clip = d.make_steps()
+    assert ft.config.epochs == 3 and clip.config.epochs == 7 and clip.config.agreement == 0.9
+    assert not hasattr(ft.config, "agreement")
+    with pytest.raises(ConfigError, match="unknown option.*bogus"):
+        DEFENSES.create("sequence", steps=("ft", "act-clip"), bogus=1)
+    default = DEFENSES.create("detect-unlearn-clip-all", epochs=2)
+    assert [s.config.epochs for s in default.make_steps()] == [2, 2]
+    assert default.make_steps()[1].config.layers == 1.0

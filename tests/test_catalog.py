@@ -46,7 +46,7 @@ def test_a_new_defense_appears_in_the_generated_table(monkeypatch):
 def test_summaries_tuples_and_grouping():
     fip = catalog.fip_table().splitlines()
     assert not any("(default)" in line for line in fip)  # the default purifier is no longer f-FIP
-    assert "| `detect-unlearn` (default) |" in catalog.baselines_table()
+    assert "| `detect-unlearn-clip-all` (default) |" in catalog.baselines_table()
     assert any(line.startswith("| `ffip-no-trf`, `ffip-no-lr` | as `ffip` |") for line in fip)
     attacks = catalog.attacks_table()
     assert "`trojan` (`troj-one`, `troj-all`)" in attacks

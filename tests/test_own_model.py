@@ -82,7 +82,7 @@ def test_purify_a_model_class_defined_only_in_the_test(own, capsys):
     assert rc == 0, capsys.readouterr().err
     purified, meta = fipurify.load_model(d / "p.safetensors")
     assert type(purified).__name__ == "TinyNet" and meta["arch"] == own["arch"]
-    assert meta["purification"]["method"] == fipurify.defenses.default_method() == "detect-unlearn"
+    assert meta["purification"]["method"] == fipurify.defenses.default_method() == "detect-unlearn-clip-all"
     before = own["net"].state_dict()["conv.weight"]
     assert not torch.equal(purified.state_dict()["conv.weight"], before)
     assert (d / "p.json").exists()

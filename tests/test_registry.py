@@ -91,9 +91,9 @@ def test_the_default_method_is_chosen_per_task(monkeypatch):
     import fipurify
     from fipurify.defenses import registry
 
-    assert defenses.default_method() == defenses.default_method("image-classification") == "detect-unlearn"
+    assert defenses.default_method() == defenses.default_method("image-classification") == "detect-unlearn-clip-all"
     assert defenses.default_method("translation") == registry.FALLBACK_METHOD == "ffip"
-    assert defenses.create().method_name() == "detect-unlearn"
+    assert defenses.create().method_name() == "detect-unlearn-clip-all"
     seen = []
 
     class Stop(Exception):
@@ -111,4 +111,4 @@ def test_the_default_method_is_chosen_per_task(monkeypatch):
     for data in (images, torch.utils.data.Subset(Sentences(), [])):
         with pytest.raises(Stop):
             fipurify.purify(None, data)
-    assert seen == ["detect-unlearn", "ffip"]
+    assert seen == ["detect-unlearn-clip-all", "ffip"]

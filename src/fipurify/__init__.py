@@ -17,7 +17,7 @@ from .io import load_model, save_model  # noqa: E402
 
 def purify(model, clean_data, method: str | None = None, **options):
     """Purify ``model`` on ``clean_data`` with ``method`` (see :mod:`fipurify.defenses`); None is the
-    default measured for the data's task (``detect-unlearn`` for image classification)."""
+    default measured for the data's task (``detect-unlearn-clip-all`` for image classification)."""
     from .defenses import purify as _purify
     return _purify(model, clean_data, method=method, **options)
 

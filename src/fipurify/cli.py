@@ -366,12 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write the numbers as JSON (default: none)")
     e.set_defaults(func=cmd_evaluate)
 
-    u = sub.add_parser("purify", help="remove a backdoor (default: detect-unlearn on image models) or run another method")
+    from .defenses.registry import default_method as _default
+    u = sub.add_parser("purify", help=f"remove a backdoor (default: {_default()} on image models) or run another method")
     _add_model_args(u, "backdoored model")
     from .defenses.registry import available as _methods  # the help lists what the registry holds
     u.add_argument("--method", default=None, metavar="METHOD",
                    help="one of " + ", ".join(_methods()) + "; each with its paper's defaults, changed with "
-                        "--set KEY=VALUE (the fields of its config class) (default: detect-unlearn for image "
+                        f"--set KEY=VALUE (the fields of its config class) (default: {_default()} for image "
                         "classification, picked by measurement; f-FIP, not shown to purify there, for the other tasks)")
     u.add_argument("--clean-size", type=int, default=None,
                    help="clean images drawn (stratified, seeded) from the model's clean reserve or from "
@@ -418,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images used, a seeded subset (default: %(default)s)")
     d.add_argument("--clean-size", type=int, default=500,
                    help="clean images purification uses (default: %(default)s)")
-    d.add_argument("--method", default=None, help="purification method, as in purify (default: detect-unlearn)")
+    d.add_argument("--method", default=None, help=f"purification method, as in purify (default: {_default()})")
     d.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
     d.set_defaults(func=cmd_demo)

@@ -32,7 +32,7 @@ METHODS: dict[str, tuple[type[Defense], dict[str, Any]]] = DEFENSES.table
 #: The method used when none is named, per task: the best one measured for that task
 #: (image classification: ``docs/default-purifier-devlog.md``). Tasks not listed use
 #: :data:`FALLBACK_METHOD`, the paper's f-FIP, which has not been shown to remove a backdoor there.
-DEFAULT_METHODS: dict[str, str] = {"image-classification": "detect-unlearn"}
+DEFAULT_METHODS: dict[str, str] = {"image-classification": "detect-unlearn-clip-all"}
 FALLBACK_METHOD = "ffip"
 
 

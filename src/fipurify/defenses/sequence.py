@@ -11,13 +11,15 @@ they do for that method alone. A step named in ``optional`` that refuses the mod
 model that calls ``torch.nn.functional.relu`` instead of ReLU modules) is left out and listed with
 its reason under ``skipped_steps``.
 
-Registered as ``sequence`` (name the ``steps``) and ``detect-unlearn-clip`` = ``detect-unlearn`` then
-``act-clip`` (optional) (issue 19's candidate 4g, ``docs/default-purifier-devlog.md``).
+Registered as ``sequence`` (name the ``steps``), ``detect-unlearn-clip`` = ``detect-unlearn`` then
+``act-clip`` (optional) (issue 19's candidate 4g, ``docs/default-purifier-devlog.md``), and
+``detect-unlearn-clip-all``, the same with every activation module bounded (candidate 4h, fipurify's
+default purifier for images).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import nn
@@ -35,11 +37,22 @@ _COMMON = {"method", "config", "n_clean_train", "n_holdout", "n_trainable", "sec
 class SequenceConfig(Options):
     """``steps``: registered method names, run in order; ``options``: ``{step: {option: value}}``
     for any of them; ``optional``: steps that are left out (the report says why) when they refuse the
-    model or its task, instead of refusing the whole sequence; ``seed``: given to every step."""
+    model or its task, instead of refusing the whole sequence; ``seed``: given to every step.
+    Any other option (e.g. ``epochs`` from the CLI's ``--epochs``) goes, as ``shared``, to every step
+    whose config has that field (``options[step]`` wins over it); one that no step has is refused."""
     steps: tuple[str, ...] = ()
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     optional: tuple[str, ...] = ()
     seed: int = 0
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def updated(self, **overrides: Any) -> "SequenceConfig":
+        own = {f.name for f in fields(self)}
+        extra = {k: v for k, v in overrides.items() if k not in own}
+        mine = {k: v for k, v in overrides.items() if k in own}
+        if extra:
+            mine["shared"] = {**self.shared, **mine.get("shared", {}), **extra}
+        return super().updated(**mine)
 
     def validate(self) -> "SequenceConfig":
         if not self.steps:
@@ -47,6 +60,11 @@ class SequenceConfig(Options):
         for s in self.steps:
             if DEFENSES.entry(s).obj is Sequence:  # entry() raises the registry's one-line error if unknown
                 raise ConfigError(f"step {s!r} is itself a sequence; list its steps instead")
+        known = set().union(*(step_fields(s) for s in self.steps))
+        stray = sorted(set(self.shared) - known)
+        if stray:
+            raise ConfigError(f"unknown option(s) for {', '.join(self.steps)}: {', '.join(stray)}; "
+                              f"known: {', '.join(sorted(known))}")
         for what, names in (("options given", self.options), ("optional", self.optional)):
             stray = sorted(set(names) - set(self.steps))
             if stray:
@@ -60,7 +78,12 @@ class SequenceConfig(Options):
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "options": {k: dict(v) for k, v in self.options.items()},
-                "optional": list(self.optional), "seed": self.seed}
+                "optional": list(self.optional), "seed": self.seed, "shared": dict(self.shared)}
+
+
+def step_fields(name: str) -> set[str]:
+    """The option names the registered method ``name``'s config takes."""
+    return {f.name for f in fields(DEFENSES.entry(name).obj.config_class)}
 
 
 class Sequence(Defense):
@@ -68,15 +91,23 @@ class Sequence(Defense):
 
     name = "sequence"
     summary = {"sequence": "registered methods one after the other (`--set steps='[\"ft\", \"act-clip\"]'`)",
-               "detect-unlearn-clip": "`detect-unlearn`, then `act-clip` (activation clipping, always acting)"}
+               "detect-unlearn-clip": "`detect-unlearn`, then `act-clip` (activation clipping, always acting)",
+               "detect-unlearn-clip-all": "fipurify's default for images: `detect-unlearn`, then `act-clip` on every "
+                                          "activation (`layers` 1.0), picked by the clean-data rules"}
     config_class = SequenceConfig  # type: ignore[assignment]
     config: SequenceConfig  # type: ignore[assignment]
 
     def make_steps(self) -> list[Defense]:
-        """The configured step defenses (each with its registered presets, ``options[step]`` and the seed)."""
+        """The configured step defenses (each with its registered presets, the ``shared`` options it takes,
+        ``options[step]`` and the seed)."""
         from .registry import create  # the registry imports this module
 
-        return [create(s, **{**self.config.options.get(s, {}), "seed": self.config.seed}) for s in self.config.steps]
+        cfg = self.config
+        out = []
+        for s in cfg.steps:
+            shared = {k: v for k, v in cfg.shared.items() if k in step_fields(s)}
+            out.append(create(s, **{**shared, **cfg.options.get(s, {}), "seed": cfg.seed}))
+        return out
 
     def purify(self, model: nn.Module, clean_data: Dataset | DataLoader, *, task: Task | str | None = None,
                progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
@@ -123,3 +154,5 @@ class Sequence(Defense):
 
 DEFENSES.register("sequence", Sequence)
 DEFENSES.register("detect-unlearn-clip", Sequence, steps=("detect-unlearn", "act-clip"), optional=("act-clip",))
+DEFENSES.register("detect-unlearn-clip-all", Sequence, steps=("detect-unlearn", "act-clip"), optional=("act-clip",),
+                  options={"act-clip": {"layers": 1.0}})

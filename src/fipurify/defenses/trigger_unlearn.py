@@ -124,8 +124,8 @@ class TriggerUnlearn(Defense):
     name = "trigger-unlearn"
     summary = {"trigger-unlearn": "trigger recovery from clean data (Neural Cleanse), then unlearning it",
                "trigger-unlearn-fisher": "as `trigger-unlearn`, with the clean-Fisher anchor (eta_r = 1)",
-               "detect-unlearn": "fipurify's default for images: `trigger-unlearn-fisher` at eta_r = 0.3, the "
-                                 "setting the clean-data rule picked (a backdoor the detector misses is left)",
+               "detect-unlearn": "`trigger-unlearn-fisher` at eta_r = 0.3, the setting the clean-data rule picked "
+                                 "(a backdoor the detector misses is left); the first step of the default",
                "fisher-unlearn": "as `detect-unlearn`, always adding SAU's shared "
                                  "adversarial unlearning, so a backdoor the detector misses is unlearned too"}
     config_class = TriggerUnlearnConfig
