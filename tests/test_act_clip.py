@@ -226,6 +226,25 @@ def test_a_sequence_refuses_before_any_step_computes():
     assert DEFENSES.create("detect-unlearn-clip").config.steps == ("detect-unlearn", "act-clip")
 
 
+def test_act_clip_refuses_a_model_without_feature_maps_and_the_default_leaves_it_out():
+    """An MLP's activations are (N, D) vectors, not (N, C, H, W) maps: act-clip refuses it in one line,
+    and a sequence with the clipping optional goes on without it (the model as the step before left it)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    x, y = _toy_data(60, 0)
+    with pytest.raises(ConfigError, match="feature maps"):
+        DEFENSES.create("act-clip", epochs=1).purify(mlp, TensorDataset(x, y), progress=False)
+    d = DEFENSES.create("sequence", steps=("ft", "act-clip"), optional=("act-clip",),
+                        options={"ft": {"epochs": 1, "augment": False}})
+    out = d.purify(mlp, TensorDataset(x, y), progress=False)
+    assert "feature maps" in d.report["skipped_steps"]["act-clip"] and bounded_channels(out) == {}
+    assert [s["method"] for s in d.report["steps"]] == ["ft"]
+    with pytest.raises(ConfigError, match="no step"):
+        DEFENSES.create("sequence", steps=("act-clip",), optional=("act-clip",), epochs=1).purify(
+            mlp, TensorDataset(x, y), progress=False)
+    assert activations_in_order(Reordered(), torch.rand(1, 1, 5, 5), ndim=2) == []
+
+
 def test_options_not_of_the_sequence_go_to_every_step_that_takes_them():
     d = DEFENSES.create("sequence", steps=("ft", "act-clip"), epochs=3, agreement=0.9,
                         options={"act-clip": {"epochs": 7}})

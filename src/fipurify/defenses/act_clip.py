@@ -124,10 +124,12 @@ class ActivationClip(Defense):
             p.requires_grad_(False)
         try:
             x = _inputs(train_set, device)
-            order = activations_in_order(model, x[:2])
+            order = activations_in_order(model, x[:2], ndim=4)
+            if not order:
+                raise ConfigError(f"{self.method_name()} bounds the channels of convolutional feature maps "
+                                  "(N, C, H, W), and no activation module of this model outputs one (e.g. a "
+                                  "transformer's or an MLP's activations)")
             chosen = order[: max(1, int(len(order) * cfg.layers))]
-            if any(c < 1 for _, c in chosen):
-                raise ConfigError("an activation to bound has no channel dimension (its output is 1-D)")
             insert_bounds(model, {name: channels for name, channels in chosen})  # +inf: the model as it was
             maxima = _clean_maxima(model, [n for n, _ in chosen], x)
             with torch.no_grad():

@@ -8,8 +8,9 @@ The report lists each step's report under ``steps``, keeps the per-epoch records
 (each labelled with its ``step``), sums their times, and lifts their method-specific fields to the
 top (a later step's field wins a clash), so e.g. ``detect-unlearn``'s detector ``rounds`` read as
 they do for that method alone. A step named in ``optional`` that refuses the model (e.g. clipping a
-model that calls ``torch.nn.functional.relu`` instead of ReLU modules) is left out and listed with
-its reason under ``skipped_steps``.
+model that calls ``torch.nn.functional.relu`` instead of ReLU modules, or one without convolutional
+feature maps), before it starts or when it starts, is left out and listed with its reason under
+``skipped_steps``; the model goes on to the next step as the previous one left it.
 
 Registered as ``sequence`` (name the ``steps``), ``detect-unlearn-clip`` = ``detect-unlearn`` then
 ``act-clip`` (optional) (issue 19's candidate 4g, ``docs/default-purifier-devlog.md``), and
@@ -130,15 +131,26 @@ class Sequence(Defense):
                               + "; ".join(skipped.values()))
         self.task = runs[0][1].task
         reports: list[dict[str, Any]] = []
+        done: list[tuple[str, Defense]] = []
         for name, d in runs:
-            model = d.purify(model, clean_data, task=task, progress=progress,
-                             callback=labelled(callback, "step", name))
+            try:
+                model = d.purify(model, clean_data, task=task, progress=progress,
+                                 callback=labelled(callback, "step", name))
+            except ConfigError as e:  # a refusal only the step's own start can see (e.g. no feature maps)
+                if name not in self.config.optional:
+                    raise
+                skipped[name] = str(e)
+                continue
+            done.append((name, d))
             for rec in d.report.get("history", []):
                 rec.setdefault("step", name)
             reports.append(d.report)
+        if not reports:
+            raise ConfigError(f"no step of {list(self.config.steps)} can act on this model: "
+                              + "; ".join(skipped.values()))
         seconds: dict[str, float] = {"total": time.perf_counter() - t_start}
         seconds["train"] = sum(r["seconds"].get("train", 0.0) for r in reports)
-        for (name, _), r in zip(runs, reports):
+        for (name, _), r in zip(done, reports):
             seconds[name] = r["seconds"]["total"]
         lifted: dict[str, Any] = {}
         for r in reports:

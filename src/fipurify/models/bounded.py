@@ -57,11 +57,12 @@ class BoundedActivation(nn.Module):
         return f"channels={self.bound.numel()}"
 
 
-def activations_in_order(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, int]]:
+def activations_in_order(model: nn.Module, sample: torch.Tensor, ndim: int | None = None) -> list[tuple[str, int]]:
     """``(name, channels)`` of the model's activation modules (:data:`ACTIVATIONS`, bounded or not) in
     the order one forward pass on ``sample`` first calls them; modules the pass never calls are left
-    out. A module called more than once (shared between layers) is refused: one set of bounds cannot
-    serve two layers."""
+    out, and so are those whose output does not have ``ndim`` dimensions when it is given (4: the
+    ``(N, C, H, W)`` feature maps of a convolutional network). A module called more than once (shared
+    between layers) is refused: one set of bounds cannot serve two layers."""
     names = {m: n for n, m in model.named_modules() if isinstance(m, ACTIVATIONS) and n}
     order: list[tuple[str, int]] = []
     seen: set[str] = set()
@@ -73,7 +74,8 @@ def activations_in_order(model: nn.Module, sample: torch.Tensor) -> list[tuple[s
             shared.append(name)
             return
         seen.add(name)
-        order.append((name, int(out.shape[1]) if out.dim() >= 2 else 0))
+        if ndim is None or out.dim() == ndim:
+            order.append((name, int(out.shape[1]) if out.dim() >= 2 else 0))
 
     handles = [m.register_forward_hook(record) for m in names]
     was = model.training
