@@ -49,6 +49,9 @@ def test_activations_come_in_forward_order_and_shared_ones_are_refused():
     shared.append(shared[1])
     with pytest.raises(ConfigError, match="called more than once"):
         activations_in_order(shared, torch.rand(1, 1, 3, 3))
+    assert activations_in_order(shared, torch.rand(1, 1, 3, 3), skip_shared=True) == []
+    insert_bounds(m, {"early": 2})  # a bounded module is listed under its wrapper's name, once
+    assert activations_in_order(m, torch.rand(1, 1, 5, 5)) == [("early", 2), ("late", 3)]
 
 
 def test_bounds_go_on_and_off_and_survive_save_and_load(tmp_path):
@@ -149,6 +152,9 @@ def test_act_clip_cuts_what_clean_data_does_not_need():
     assert all(torch.equal(a, b) for a, b in zip(out.parameters(), model.parameters()))
     assert bounded_channels(model) == {}  # the input model is left as it was
     assert len(rep["history"]) == 30 and all("seconds" in h for h in rep["history"])
+    again = DEFENSES.create("act-clip", epochs=3).purify(out, TensorDataset(x, y), progress=False)
+    assert bounded_channels(again) == {"relu": 3}  # clipping a clipped model tightens, never nests
+    assert (again.relu.bound <= out.relu.bound + 1e-6).all()
 
 
 def test_act_clip_refuses_bad_options_and_models_without_activation_modules():

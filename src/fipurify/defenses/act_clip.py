@@ -28,7 +28,10 @@ images: if they agree on at least ``agreement`` of them, these bounds are kept a
 are the last that met the agreement (none met it: the clean maxima, which cut nothing clean).
 The modules bounded are the first ``layers`` share of the model's activation modules in forward
 order (:func:`~fipurify.models.bounded.activations_in_order`; for PreActResNet18 at 0.5, every
-ReLU of its first two stages), as the authors' code clips the first stages of a ResNet.
+ReLU of its first two stages), as the authors' code clips the first stages of a ResNet. Only
+activations that are ``(N, C, H, W)`` feature maps count, and a module that several layers call
+(one ``nn.ReLU`` reused, as in torchvision's ResNet blocks) is left out: one bound per channel
+cannot serve two layers.
 
 Settings: 50 epochs, batch 200, Adam lr 0.1, ``c`` from 0.5 by a factor 1.2 are the authors';
 98 % agreement is fipurify's (the default purifier's budget is 2 points of clean accuracy).
@@ -124,11 +127,12 @@ class ActivationClip(Defense):
             p.requires_grad_(False)
         try:
             x = _inputs(train_set, device)
-            order = activations_in_order(model, x[:2], ndim=4)
+            order = activations_in_order(model, x[:2], ndim=4, skip_shared=True)
             if not order:
                 raise ConfigError(f"{self.method_name()} bounds the channels of convolutional feature maps "
-                                  "(N, C, H, W), and no activation module of this model outputs one (e.g. a "
-                                  "transformer's or an MLP's activations)")
+                                  "(N, C, H, W), and no activation module of this model outputs one that it "
+                                  "alone computes (e.g. a transformer's or an MLP's activations, or one ReLU "
+                                  "module called by several layers)")
             chosen = order[: max(1, int(len(order) * cfg.layers))]
             insert_bounds(model, {name: channels for name, channels in chosen})  # +inf: the model as it was
             maxima = _clean_maxima(model, [n for n, _ in chosen], x)

@@ -57,25 +57,28 @@ class BoundedActivation(nn.Module):
         return f"channels={self.bound.numel()}"
 
 
-def activations_in_order(model: nn.Module, sample: torch.Tensor, ndim: int | None = None) -> list[tuple[str, int]]:
-    """``(name, channels)`` of the model's activation modules (:data:`ACTIVATIONS`, bounded or not) in
-    the order one forward pass on ``sample`` first calls them; modules the pass never calls are left
-    out, and so are those whose output does not have ``ndim`` dimensions when it is given (4: the
-    ``(N, C, H, W)`` feature maps of a convolutional network). A module called more than once (shared
-    between layers) is refused: one set of bounds cannot serve two layers."""
-    names = {m: n for n, m in model.named_modules() if isinstance(m, ACTIVATIONS) and n}
-    order: list[tuple[str, int]] = []
-    seen: set[str] = set()
-    shared: list[str] = []
+def activations_in_order(model: nn.Module, sample: torch.Tensor, ndim: int | None = None,
+                         skip_shared: bool = False) -> list[tuple[str, int]]:
+    """``(name, channels)`` of the model's activation modules (:data:`ACTIVATIONS`; a bounded one under
+    its :class:`BoundedActivation`'s name) in the order one forward pass on ``sample`` first calls them.
+    Modules the pass never calls are left out, and so are those whose output does not have ``ndim``
+    dimensions when it is given (4: the ``(N, C, H, W)`` feature maps of a convolutional network).
+    A module called more than once (shared between layers, as torchvision's ResNet blocks do) cannot
+    carry one set of bounds for two layers: it is refused, or left out with ``skip_shared``."""
+    names: dict[nn.Module, str] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, BoundedActivation):
+            names[m.act] = n
+        elif isinstance(m, ACTIVATIONS) and n and m not in names:
+            names[m] = n
+    calls: dict[str, int] = {}
+    first: list[tuple[str, int, int]] = []
 
     def record(module: nn.Module, _inp, out) -> None:
         name = names[module]
-        if name in seen:
-            shared.append(name)
-            return
-        seen.add(name)
-        if ndim is None or out.dim() == ndim:
-            order.append((name, int(out.shape[1]) if out.dim() >= 2 else 0))
+        calls[name] = calls.get(name, 0) + 1
+        if calls[name] == 1:
+            first.append((name, int(out.shape[1]) if out.dim() >= 2 else 0, out.dim()))
 
     handles = [m.register_forward_hook(record) for m in names]
     was = model.training
@@ -87,10 +90,11 @@ def activations_in_order(model: nn.Module, sample: torch.Tensor, ndim: int | Non
         model.train(was)
         for h in handles:
             h.remove()
-    if shared:
+    shared = [n for n, k in calls.items() if k > 1]
+    if shared and not skip_shared:
         raise ConfigError(f"activation module {shared[0]!r} is called more than once per forward pass; give each "
                           "layer its own activation module to bound its outputs")
-    return order
+    return [(n, c) for n, c, d in first if n not in shared and (ndim is None or d == ndim)]
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
