@@ -46,8 +46,8 @@ def _first_half(rel: dict) -> float | None:
     modules 4g and 4h both bound when 4h bounds all: rule 7 compares over those)."""
     if not rel:
         return None
-    vals = list(rel.values())
-    return None if not vals else sum(vals[: max(1, len(vals) // 2)]) / max(1, len(vals) // 2)
+    half = list(rel.values())[: max(1, len(rel) // 2)]
+    return sum(half) / len(half)
 
 
 def pct(v, digits=2):

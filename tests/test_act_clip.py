@@ -127,6 +127,17 @@ def _toy_data(n, seed, trigger=False):
     return x, y
 
 
+class Functional(nn.Module):
+    """Calls torch.relu instead of an nn.ReLU module: nothing for the clipping to bound."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 4)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)).flatten(1)
+
+
 def test_act_clip_cuts_what_clean_data_does_not_need():
     """The learned bound on the trigger channel falls below its clean maximum (the clean outputs
     barely need it), the clipped model agrees with the original on >= 98 % of the clean images, and
@@ -162,15 +173,6 @@ def test_act_clip_refuses_bad_options_and_models_without_activation_modules():
         DEFENSES.create("act-clip", agreement=0)
     with pytest.raises(ConfigError, match="layers"):
         DEFENSES.create("act-clip", layers=1.5)
-
-    class Functional(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 2, 4)
-
-        def forward(self, x):
-            return torch.relu(self.conv(x)).flatten(1)
-
     x, y = _toy_data(40, 0)
     with pytest.raises(ConfigError, match="has none"):
         DEFENSES.create("act-clip").purify(Functional(), TensorDataset(x, y), progress=False)
@@ -196,14 +198,6 @@ def test_a_sequence_runs_its_steps_in_order_and_reports_each():
 
 
 def test_a_sequence_refuses_before_any_step_computes():
-    class Functional(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 2, 4)
-
-        def forward(self, x):
-            return torch.relu(self.conv(x)).flatten(1)
-
     x, y = _toy_data(40, 0)
     seen = []
     with pytest.raises(ConfigError, match="has none"):  # act-clip's refusal, before ft trains

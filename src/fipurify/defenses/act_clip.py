@@ -227,8 +227,6 @@ def _holdout_agreement(model: nn.Module, x: torch.Tensor, names: list[str]) -> f
         plain = _logits(model, x, free).argmax(1)
     return float((clipped == plain).float().mean())
 
-DEFENSES.register("act-clip", ActivationClip)
-
 
 def format_bounds(report: dict[str, Any]) -> str | None:
     """One line on the bounds a clipping run set (None if the report has none), e.g. ``activation
@@ -244,3 +242,6 @@ def format_bounds(report: dict[str, Any]) -> str | None:
     if report.get("holdout_agreement") is not None:
         out += f" (hold-out {100 * report['holdout_agreement']:.1f} %)"
     return out
+
+
+DEFENSES.register("act-clip", ActivationClip)

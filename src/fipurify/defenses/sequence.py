@@ -114,43 +114,46 @@ class Sequence(Defense):
                progress: bool = True, callback: EpochCallback | None = None) -> nn.Module:
         t_start = time.perf_counter()
         source = task if task is not None else as_dataset(clean_data)
-        runs: list[tuple[str, Defense]] = []
         skipped: dict[str, str] = {}
+
+        def refused(name: str, e: ConfigError) -> None:
+            """An optional step's refusal is recorded and the step left out; any other's is raised."""
+            if name not in self.config.optional:
+                raise e
+            skipped[name] = str(e)
+
+        def nothing_left() -> ConfigError:
+            return ConfigError(f"no step of {list(self.config.steps)} can act on this model: "
+                               + "; ".join(skipped.values()))
+
+        runs: list[tuple[str, Defense]] = []
         for name, d in zip(self.config.steps, self.make_steps()):  # every refusal before any compute
             try:
                 d.use_task(source)
                 d.check_model(model)
+                runs.append((name, d))
             except ConfigError as e:
-                if name not in self.config.optional:
-                    raise
-                skipped[name] = str(e)
-                continue
-            runs.append((name, d))
+                refused(name, e)
         if not runs:
-            raise ConfigError(f"no step of {list(self.config.steps)} can act on this model: "
-                              + "; ".join(skipped.values()))
+            raise nothing_left()
         self.task = runs[0][1].task
-        reports: list[dict[str, Any]] = []
-        done: list[tuple[str, Defense]] = []
+        done: list[tuple[str, dict[str, Any]]] = []  # (step, its report)
         for name, d in runs:
             try:
                 model = d.purify(model, clean_data, task=task, progress=progress,
                                  callback=labelled(callback, "step", name))
             except ConfigError as e:  # a refusal only the step's own start can see (e.g. no feature maps)
-                if name not in self.config.optional:
-                    raise
-                skipped[name] = str(e)
+                refused(name, e)
                 continue
-            done.append((name, d))
             for rec in d.report.get("history", []):
                 rec.setdefault("step", name)
-            reports.append(d.report)
-        if not reports:
-            raise ConfigError(f"no step of {list(self.config.steps)} can act on this model: "
-                              + "; ".join(skipped.values()))
+            done.append((name, d.report))
+        if not done:
+            raise nothing_left()
+        reports = [r for _, r in done]
         seconds: dict[str, float] = {"total": time.perf_counter() - t_start}
         seconds["train"] = sum(r["seconds"].get("train", 0.0) for r in reports)
-        for (name, _), r in zip(done, reports):
+        for name, r in done:
             seconds[name] = r["seconds"]["total"]
         lifted: dict[str, Any] = {}
         for r in reports:
