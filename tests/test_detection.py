@@ -271,10 +271,7 @@ def test_cli_purify_verify_reports_the_detector(saved_model, tmp_path, capsys, m
 
 def test_detect_zoo_benchmark_runs_on_one_model(saved_model, tmp_path, monkeypatch):
     monkeypatch.setenv("FIPURIFY_CACHE", str(tmp_path / "cache"))
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "detect_zoo.py"
-    spec = importlib.util.spec_from_file_location("detect_zoo", path)
-    zoo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(zoo)
+    zoo = _zoo_module()
     out = tmp_path / "zoo"
     assert zoo.main([str(saved_model.parent), "--methods", "uap", "--clean-size", "120",
                      "--set", "growth=1.5", "--set", "max_steps=30", "--out", str(out)]) == 0
@@ -284,6 +281,39 @@ def test_detect_zoo_benchmark_runs_on_one_model(saved_model, tmp_path, monkeypat
     assert row["method"] == "uap" and row["candidate"] == 0 and isinstance(row["seconds"], float)
     assert doc["summary"]["uap"]["n_models"] == 1
     assert "| tiny_badnets.safetensors | badnets | 0 |" in out.with_suffix(".md").read_text()
+    # --resume keeps the row and runs only what is missing: here nothing but the FT timing of a new method
+    first = row["seconds"]
+    assert zoo.main([str(saved_model.parent), "--methods", "uap", "neural-cleanse", "--clean-size", "120",
+                     "--set", "max_steps=30", "--set", "refine_steps=10", "--out", str(out), "--resume",
+                     "--ft-baseline", "--figure", str(tmp_path / "zoo.png")]) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    uap, nc = doc["rows"]
+    assert uap["seconds"] == first and uap["ft_seconds"] is None
+    assert nc["method"] == "neural-cleanse" and nc["ft_seconds"] > 0 and nc["strong"] is True
+    assert (tmp_path / "zoo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # bad input is refused before any compute
+    assert zoo.main([str(saved_model.parent), "--figure", str(tmp_path / "zoo.jpg")]) == 2
+
+
+def _zoo_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "detect_zoo.py"
+    spec = importlib.util.spec_from_file_location("detect_zoo", path)
+    zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo)
+    return zoo
+
+
+def test_zoo_auroc_and_spearman_match_hand_computation():
+    zoo = _zoo_module()
+    # 3 positives x 2 negatives = 6 pairs: (5>1, 5>2), (2>1, 2=2 half), (inf>1, inf>2) -> 5.5 / 6
+    assert zoo.auroc([5.0, 2.0, math.inf], [1.0, 2.0]) == pytest.approx(5.5 / 6)
+    assert zoo.auroc([1.0], [2.0]) == 0.0 and zoo.auroc([], [1.0]) is None
+    assert zoo.ranks([10.0, 30.0, 20.0, 20.0]) == [1.0, 4.0, 2.5, 2.5]
+    assert zoo.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert zoo.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks x: 1 2 3 4, y: 1 3 2 4 -> d^2 = 0+1+1+0 = 2 -> 1 - 6*2/(4*15) = 0.8
+    assert zoo.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert zoo.spearman([1, 1, 1], [1, 2, 3]) is None and zoo.spearman([1, 2], [1, 2]) is None
 
 
 def test_replayed_flip_rate_counts_only_other_classes_and_restores_the_mode():
