@@ -2,7 +2,8 @@
 
     python benchmarks/detect_zoo.py [FOLDER ...] [--methods neural-cleanse uap] [--clean-size 500]
         [--seed 0] [--set KEY=VALUE ...] [--data-root R] [--limit N] [--out results/detect_zoo]
-        [--resume] [--ft-baseline] [--purified-specs SPEC ...] [--store results/bench/results.sqlite]
+        [--resume] [--ft-baseline | --ft-specs SPEC ...] [--purified-specs SPEC ...]
+        [--store results/bench/results.sqlite]
         [--figure OUT.png]
 
 FOLDER defaults to fipurify bench's model cache (``$FIPURIFY_CACHE/bench-models``, else
@@ -18,7 +19,8 @@ model's test ASR is at least 90 %. Writes OUT.json (rows + summary) and OUT.md.
 - ``--resume`` keeps the rows of an existing OUT.json and runs only the (model, method)
   pairs it lacks, so new models (another clean seed) can be added to the table.
 - ``--ft-baseline`` also times vanilla fine-tuning (``ft``, the dataset's paper schedule)
-  on the same clean images, for the time ratio detector / FT per model.
+  on the same clean images, for the time ratio detector / FT per model; ``--ft-specs`` takes
+  FT's time from the ``ft`` runs of those bench specs instead (same model, 500 clean images).
 - ``--purified-specs`` reads the results store's ``[verify]`` runs of those specs
   (purified models whose true test ASR is known): the trigger recovered before purifying,
   replayed on the purified model, gives a proxy ASR from clean data; the summary gives its
@@ -151,6 +153,21 @@ def purified_rows(store_path: str, specs: list[str]) -> list[dict[str, Any]]:
                             "flagged_after": v.get("flagged_after"), "proxy_asr_before": v.get("proxy_asr_before"),
                             "proxy_asr_after": v.get("proxy_asr_after"), "kind": v.get("proxy_asr_after_kind")})
     return out
+
+
+def stored_ft_seconds(store_path: str, specs: list[str]) -> dict[str, float]:
+    """Vanilla FT's own wall time (``purify_seconds``) per model file name, from the ``ft`` runs of
+    ``specs`` in the results store (the mean where a model has several)."""
+    from fipurify.bench.store import ResultStore
+
+    times: dict[str, list[float]] = {}
+    with ResultStore(store_path) as store:
+        for spec in specs:
+            for r in store.rows(spec=spec):
+                model_file = (r.get("details") or {}).get("model_file")
+                if r["status"] == "ok" and r["defense"] == "ft" and model_file and r.get("purify_seconds"):
+                    times.setdefault(Path(model_file).name, []).append(r["purify_seconds"])
+    return {k: sum(v) / len(v) for k, v in times.items()}
 
 
 def summary(rows: list[dict[str, Any]], purified: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -292,14 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ft-baseline", action="store_true", help="also time vanilla FT on the same clean images")
     p.add_argument("--purified-specs", nargs="*", default=[], metavar="SPEC",
                    help="bench specs whose [verify] runs give purified models with a known true ASR")
-    p.add_argument("--store", default="results/bench/results.sqlite", help="results store for --purified-specs")
+    p.add_argument("--ft-specs", nargs="*", default=[], metavar="SPEC",
+                   help="take FT's time per model from these specs' ft runs in the store (instead of --ft-baseline)")
+    p.add_argument("--store", default="results/bench/results.sqlite",
+                   help="results store for --purified-specs and --ft-specs")
     p.add_argument("--figure", default=None, metavar="OUT.png", help="score distribution figure (PNG)")
     args = p.parse_args(argv)
     if args.figure and Path(args.figure).suffix.lower() != ".png":
         print(f"--figure is written as PNG: give a .png path, got {args.figure!r}", file=sys.stderr)
         return 2
-    if args.purified_specs and not Path(args.store).is_file():
-        print(f"--purified-specs needs the results store, and {args.store} does not exist", file=sys.stderr)
+    if (args.purified_specs or args.ft_specs) and not Path(args.store).is_file():
+        print(f"--purified-specs and --ft-specs need the results store, and {args.store} does not exist",
+              file=sys.stderr)
         return 2
     folders = [Path(f).expanduser() for f in args.folders] or [default_folder()]
     files = sorted(f for folder in folders for f in folder.glob("*.safetensors"))[:args.limit]
@@ -313,8 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and out.with_suffix(".json").is_file():
         rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     purified = purified_rows(args.store, args.purified_specs) if args.purified_specs else None
+    stored_ft = stored_ft_seconds(args.store, args.ft_specs) if args.ft_specs else {}
+
+    def with_stored_ft() -> None:
+        for r in rows:
+            if not r.get("ft_seconds") and r["model"] in stored_ft:
+                r["ft_seconds"], r["ft_source"] = stored_ft[r["model"]], "store"
 
     def write() -> None:
+        with_stored_ft()
         summ = summary(rows, purified)
         doc = {"config": {"methods": args.methods, "clean_size": args.clean_size, "seed": args.seed,
                           "options": options, "folders": [str(f) for f in folders]},

@@ -342,3 +342,34 @@ def test_replayed_flip_rate_counts_only_other_classes_and_restores_the_mode():
     dark = Trigger("mask-pattern", 2, mask=mask, pattern=torch.zeros(3, 4, 4))
     assert detection.replayed_flip_rate(model, dark, x, y, 2) == (0.0, 8)
     assert model.training and model.w.requires_grad
+
+
+def test_zoo_reads_purified_runs_and_ft_times_from_the_store(tmp_path):
+    """--purified-specs keeps [verify] runs with a replayed proxy ASR and pairs it with the true ASR;
+    --ft-specs takes FT's own time per model file (the mean over runs); other rows are ignored."""
+    from fipurify.bench.store import ResultStore
+
+    zoo = _zoo_module()
+    db = tmp_path / "r.sqlite"
+
+    def verify(proxy, kind="replayed"):
+        return {"flagged_before": True, "flagged_after": False, "proxy_asr_before": 0.95,
+                "proxy_asr_after": proxy, "proxy_asr_after_kind": kind}
+
+    with ResultStore(db) as store:
+        for key, spec, defense, asr, seconds, details in [
+                ("a", "s1", "ft", 0.99, 100.0, {"model_file": "/x/m1.safetensors", "verify": verify(0.9)}),
+                ("b", "s1", "fst", 0.00, 40.0, {"model_file": "/x/m1.safetensors", "verify": verify(0.0)}),
+                ("c", "s1", "i-bau", 0.30, 300.0, {"model_file": "/x/m1.safetensors", "verify": verify(0.2)}),
+                ("d", "s1", "ft", 0.98, 120.0, {"model_file": "/y/m1.safetensors"}),  # no [verify]
+                ("e", "s2", "nft", 0.50, 9.0, {"model_file": "/x/m2.safetensors", "verify": verify(0.4, "re-optimised")}),
+                ("f", "s3", "ft", 0.97, 77.0, {"model_file": "/x/m3.safetensors"})]:  # spec not asked for
+            store.record({"run_key": key, "spec": spec, "config": {}, "status": "ok", "defense": defense,
+                          "attack": "badnets", "asr": asr, "asr_before": 1.0, "purify_seconds": seconds,
+                          "details": details})
+    rows = zoo.purified_rows(str(db), ["s1", "s2"])
+    assert [(r["defense"], r["proxy_asr_after"]) for r in rows] == [("ft", 0.9), ("fst", 0.0), ("i-bau", 0.2),
+                                                                     ("nft", 0.4)]
+    summ = zoo.summary([], rows)["purified"]
+    assert summ["n"] == 3 and summ["spearman_replayed_proxy_vs_asr"] == pytest.approx(1.0)  # re-optimised left out
+    assert zoo.stored_ft_seconds(str(db), ["s1", "s2"]) == {"m1.safetensors": pytest.approx(110.0)}
