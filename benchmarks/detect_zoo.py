@@ -54,6 +54,17 @@ def truth(meta: dict[str, Any]) -> dict[str, Any]:
             "true_asr": metrics.get("asr"), "acc": metrics.get("acc")}
 
 
+def label(name: str, attack: str = "none", mode: str | None = None) -> str:
+    """A short name for tables and the figure: ``dataset:id`` from a bench cache file name
+    (``cifar10_troj-all_preactresnet18-w16_e10_s0_<hash>.safetensors``, the seed appended to a
+    clean model's), else the attack's name (``-all`` for all-to-all)."""
+    parts = name.split("_")
+    if len(parts) >= 4 and name.endswith(".safetensors"):
+        seed = next((p for p in parts if p[:1] == "s" and p[1:].isdigit()), None)
+        return f"{parts[0]}:{parts[1]}" + (f" {seed}" if parts[1] == "clean" and seed else "")
+    return f"{attack}-all" if mode == "all2all" else attack
+
+
 STRONG = 0.9  # a backdoor is strong at test ASR >= 90 % (the goal of issue 18)
 
 
@@ -71,6 +82,7 @@ def run_model(path: Path, methods: list[str], clean_size: int, seed: int, option
     reserve = reload_data(meta, data_root).reserve
     clean = draw_clean_subset(reserve, min(clean_size, len(reserve)), seed)
     t = truth(meta)
+    t["label"] = label(path.name, t["attack"], t["mode"])
     ft_seconds = None
     if ft_baseline:
         t0 = time.perf_counter()
@@ -178,7 +190,7 @@ def summary(rows: list[dict[str, Any]], purified: list[dict[str, Any]] | None = 
         bd = [r for r in mine if r["detected"] is not None]
         strong = [r for r in bd if r.get("strong")]
         clean = [r for r in mine if r["false_positive"] is not None]
-        tgt = [r for r in mine if r["target_correct"] is not None]
+        tgt = [r for r in mine if r["target_correct"] is not None and r["flagged"]]  # of the flagged ones
         strong_tgt = [r for r in strong if r["target_correct"] is not None]
         ratios = [r["seconds"] / ft[r["model"]] for r in mine if ft.get(r["model"])]
         out[method] = {"n_models": len(mine), "n_backdoored": len(bd), "n_strong": len(strong), "n_clean": len(clean),
@@ -215,12 +227,12 @@ def markdown(rows: list[dict[str, Any]], summ: dict[str, Any], purified: list[di
              "proxy ASR % | seconds | FT seconds |", "|" + "---|" * 12]
     for r in rows:
         score = r["score"] if isinstance(r["score"], str) else f"{r['score']:.2f}"
-        lines.append(f"| {r['model']} | {r['attack']} | {r['true_target'] if r['true_target'] is not None else '-'} | "
+        lines.append(f"| {r.get('label', r['model'])} | {r['attack']} | {r['true_target'] if r['true_target'] is not None else '-'} | "
                      f"{pct(r['true_asr'])} | {r['method']} | {yn(r['flagged'])} | "
                      f"{r['suspected_target'] if r['suspected_target'] is not None else '-'} | {yn(r['target_correct'])} | "
                      f"{score} | {pct(r['proxy_asr'])} | {r['seconds']:.1f} | {num(r.get('ft_seconds'), '{:.1f}')} |")
     lines += ["", "| method | models (backdoored / strong / clean) | detection rate % (strong) | strong flagged at target % "
-              "| target accuracy % | false-positive rate % | AUROC (strong) | mean seconds | time / FT (max) |",
+              "| target accuracy of the flagged % | false-positive rate % | AUROC (strong) | mean seconds | time / FT (max) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for m, s in summ.items():
         if m == "purified":
@@ -276,7 +288,7 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
             ax.scatter(xs, ys, c=colors, s=28, edgecolors="black", linewidths=0.4, zorder=3)
             for x, y, r in zip(xs, ys, sel):
                 if r["attack"] != "none":
-                    ax.annotate(r["attack"], (x, y), fontsize=6, xytext=(4, 0), textcoords="offset points",
+                    ax.annotate(r.get("label", r["attack"]).split(":")[-1], (x, y), fontsize=6, xytext=(4, 0), textcoords="offset points",
                                 va="center")
         ax.axhline(mine[0]["threshold"], color="gray", ls="--", lw=1)
         ax.set_yscale("log")
@@ -333,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     if args.resume and out.with_suffix(".json").is_file():
         rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+        for r in rows:  # rows written before labels existed
+            r.setdefault("label", label(r["model"], r["attack"], r.get("mode")))
+            r.setdefault("strong", bool(r["attack"] != "none" and (r.get("true_asr") or 0) >= STRONG))
     purified = purified_rows(args.store, args.purified_specs) if args.purified_specs else None
     stored_ft = stored_ft_seconds(args.store, args.ft_specs) if args.ft_specs else {}
 

@@ -280,7 +280,7 @@ def test_detect_zoo_benchmark_runs_on_one_model(saved_model, tmp_path, monkeypat
     assert row["model"] == saved_model.name and row["true_target"] == 0 and row["true_asr"] == 0.93
     assert row["method"] == "uap" and row["candidate"] == 0 and isinstance(row["seconds"], float)
     assert doc["summary"]["uap"]["n_models"] == 1
-    assert "| tiny_badnets.safetensors | badnets | 0 |" in out.with_suffix(".md").read_text()
+    assert row["label"] == "badnets" and "| badnets | badnets | 0 |" in out.with_suffix(".md").read_text()
     # --resume keeps the row and runs only what is missing: here nothing but the FT timing of a new method
     first = row["seconds"]
     assert zoo.main([str(saved_model.parent), "--methods", "uap", "neural-cleanse", "--clean-size", "120",
@@ -314,6 +314,10 @@ def test_zoo_auroc_and_spearman_match_hand_computation():
     # ranks x: 1 2 3 4, y: 1 3 2 4 -> d^2 = 0+1+1+0 = 2 -> 1 - 6*2/(4*15) = 0.8
     assert zoo.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
     assert zoo.spearman([1, 1, 1], [1, 2, 3]) is None and zoo.spearman([1, 2], [1, 2]) is None
+    # labels: the bench cache's file names, else the attack
+    assert zoo.label("cifar10_troj-all_preactresnet18-w16_e10_s0_58c1d079df44.safetensors") == "cifar10:troj-all"
+    assert zoo.label("gtsrb_clean_wideresnet16_1-wd_e10_s2_ebad257d21cf.safetensors") == "gtsrb:clean s2"
+    assert zoo.label("mine.safetensors", "trojan", "all2all") == "trojan-all"
 
 
 def test_replayed_flip_rate_counts_only_other_classes_and_restores_the_mode():
