@@ -288,7 +288,10 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
             ax.scatter(xs, ys, c=colors, s=28, edgecolors="black", linewidths=0.4, zorder=3)
             for x, y, r in zip(xs, ys, sel):
                 if r["attack"] != "none":
-                    ax.annotate(r.get("label", r["attack"]).split(":")[-1], (x, y), fontsize=6, xytext=(4, 0), textcoords="offset points",
+                    text = r.get("label", r["attack"]).split(":")[-1]
+                    if r["flagged"] and r["target_correct"] is False:
+                        text += f" (flags class {r['suspected_target']})"
+                    ax.annotate(text, (x, y), fontsize=6, xytext=(4, 0), textcoords="offset points",
                                 va="center")
         ax.axhline(mine[0]["threshold"], color="gray", ls="--", lw=1)
         ax.set_yscale("log")
