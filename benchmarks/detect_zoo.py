@@ -1,7 +1,8 @@
 """Backdoor detection table over a zoo of saved models: detected?, target correct?, score, proxy ASR, time.
 
     python benchmarks/detect_zoo.py [FOLDER ...] [--methods neural-cleanse uap] [--clean-size 500]
-        [--seed 0] [--set KEY=VALUE ...] [--data-root R] [--limit N] [--out results/detect_zoo]
+        [--clean-size-for DATASET=N ...] [--seed 0] [--set KEY=VALUE ...] [--data-root R] [--limit N]
+        [--out results/detect_zoo]
         [--resume] [--ft-baseline | --ft-specs SPEC ...] [--purified-specs SPEC ...]
         [--store results/bench/results.sqlite]
         [--figure OUT.png]
@@ -308,12 +309,16 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from fipurify.cli import parse_key_values
+    from fipurify.errors import ConfigError, DataError
     from fipurify.io import atomic_write_text
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="*", help="folders of fipurify model files (default: the bench model cache)")
     p.add_argument("--methods", nargs="+", default=["neural-cleanse", "uap"], help="detectors (default both)")
     p.add_argument("--clean-size", type=int, default=500, help="clean reserve images per model (default 500)")
+    p.add_argument("--clean-size-for", action="append", default=[], metavar="DATASET=N",
+                   help="clean images for one dataset's models, repeatable (e.g. gtsrb=1176: its rare classes "
+                        "need more images for the detectors' 5 per class)")
     p.add_argument("--seed", type=int, default=0, help="seed of the clean subset and detectors (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="detector option for every method (JSON value), repeatable (default: none)")
@@ -343,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no *.safetensors model files in {', '.join(map(str, folders))}", file=sys.stderr)
         return 2
     options = {k.replace("-", "_"): v for k, v in parse_key_values(args.set).items()}
+    sizes = parse_key_values(args.clean_size_for)
+    bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if bad:
+        print(f"--clean-size-for needs DATASET=N with N a positive integer, got {bad}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -373,7 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         if not todo:
             continue
         print(f"{f.name}", file=sys.stderr)
-        for r in run_model(f, todo, args.clean_size, args.seed, options, args.data_root, args.ft_baseline):
+        size = next((n for d, n in sizes.items() if f.name.startswith(f"{d}_")), args.clean_size)
+        try:
+            new_rows = run_model(f, todo, size, args.seed, options, args.data_root, args.ft_baseline)
+        except (ConfigError, DataError) as e:  # one unusable model does not end the zoo; --resume retries it
+            print(f"  skipped: {e}", file=sys.stderr)
+            continue
+        for r in new_rows:
             rows.append(r)
             print(f"  {r['method']}: flagged {r['flagged']}, suspected {r['suspected_target']} "
                   f"(true {r['true_target']}), score {r['score']}, proxy ASR {r['proxy_asr']}, "

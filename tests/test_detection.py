@@ -293,6 +293,14 @@ def test_detect_zoo_benchmark_runs_on_one_model(saved_model, tmp_path, monkeypat
     assert (tmp_path / "zoo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # bad input is refused before any compute
     assert zoo.main([str(saved_model.parent), "--figure", str(tmp_path / "zoo.jpg")]) == 2
+    assert zoo.main([str(saved_model.parent), "--clean-size-for", "tiny=0"]) == 2
+    # too few clean images per class: the model is skipped (no row), the zoo goes on; a per-dataset size fixes it
+    small = ["--methods", "uap", "--set", "growth=1.5", "--set", "max_steps=30"]
+    assert zoo.main([str(saved_model.parent), *small, "--clean-size", "8", "--out", str(tmp_path / "few")]) == 0
+    assert json.loads((tmp_path / "few.json").read_text())["rows"] == []
+    assert zoo.main([str(saved_model.parent), *small, "--clean-size", "8", "--clean-size-for", "tiny=120",
+                     "--out", str(tmp_path / "per")]) == 0
+    assert json.loads((tmp_path / "per.json").read_text())["rows"][0]["n_clean"] == 120
 
 
 def _zoo_module():
