@@ -52,7 +52,7 @@ def main() -> None:
     from fipurify import defenses
     from fipurify.cli import parse_key_values
     from fipurify.datasets import draw_clean_subset
-    from fipurify.detection import anomaly_indices
+    from fipurify.detection import most_anomalous
     from fipurify.io import load_model
     from fipurify.workflow import reload_data
 
@@ -80,15 +80,14 @@ def main() -> None:
             defense.purify(model, clean, progress=False)
         rnd = defense.report["rounds"][0]
         shares = generated_shares(model, defense.generator, other, classes)
-        index = anomaly_indices([-s for s in shares])  # sizes -share: the large side, the most-reached class
-        top = max(range(classes), key=lambda c: shares[c])
+        top, index = most_anomalous([-s for s in shares])  # sizes -share: the large side, the most-reached class
         attack = meta.get("attack") or {}
         print(json.dumps({"model": str(path).rsplit("/", 1)[-1], "attack": attack.get("name", "none"),
                           "target": attack.get("target"), "asr": (meta.get("metrics") or {}).get("asr"),
                           "top_class": top, "top_share": round(shares[top], 3),
                           "shares": [round(s, 3) for s in shares],
-                          "anomaly_index": round(float(index[top]), 2) if index[top] < float("inf") else "inf",
-                          "flagged": bool(index[top] > 2), "defense_label": rnd["predicted_label"],
+                          "anomaly_index": round(index, 2) if index < float("inf") else "inf",
+                          "flagged": bool(index > 2), "defense_label": rnd["predicted_label"],
                           "defense_share": round(rnd["predicted_share"], 3),
                           "gen_pixel_mse": rnd["gen_pixel_mse"], "benign_agreement": rnd["benign_agreement"],
                           "seconds": round(time.perf_counter() - t0)}), flush=True)

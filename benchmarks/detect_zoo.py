@@ -69,6 +69,11 @@ def label(name: str, attack: str = "none", mode: str | None = None) -> str:
 STRONG = 0.9  # a backdoor is strong at test ASR >= 90 % (the goal of issue 18)
 
 
+def is_strong(attack: str, true_asr: float | None) -> bool:
+    """A backdoored model (``attack`` not "none") whose test ASR is at least :data:`STRONG`."""
+    return bool(attack != "none" and (true_asr or 0) >= STRONG)
+
+
 def run_model(path: Path, methods: list[str], clean_size: int, seed: int, options: dict[str, Any],
               data_root: str | None, ft_baseline: bool = False) -> list[dict[str, Any]]:
     """One row per detector for the model file ``path`` (and, with ``ft_baseline``, FT's seconds)."""
@@ -99,7 +104,7 @@ def run_model(path: Path, methods: list[str], clean_size: int, seed: int, option
             rep = detect(model, clean, method=method, seed=seed, **options)
         backdoored_truth = t["attack"] != "none"
         rows.append({"model": path.name, **t, "method": method, "n_clean": len(clean),
-                     "strong": bool(backdoored_truth and (t["true_asr"] or 0) >= STRONG),
+                     "strong": is_strong(t["attack"], t["true_asr"]),
                      "flagged": rep.backdoored, "suspected_target": rep.target, "candidate": rep.candidate,
                      "detected": rep.backdoored if backdoored_truth else None,
                      "false_positive": None if backdoored_truth else rep.backdoored,
@@ -360,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = json.loads(out.with_suffix(".json").read_text())["rows"]
         for r in rows:  # rows written before labels existed
             r.setdefault("label", label(r["model"], r["attack"], r.get("mode")))
-            r.setdefault("strong", bool(r["attack"] != "none" and (r.get("true_asr") or 0) >= STRONG))
+            r.setdefault("strong", is_strong(r["attack"], r.get("true_asr")))
     purified = purified_rows(args.store, args.purified_specs) if args.purified_specs else None
     stored_ft = stored_ft_seconds(args.store, args.ft_specs) if args.ft_specs else {}
 
@@ -369,14 +374,17 @@ def main(argv: list[str] | None = None) -> int:
             if not r.get("ft_seconds") and r["model"] in stored_ft:
                 r["ft_seconds"], r["ft_source"] = stored_ft[r["model"]], "store"
 
-    def write() -> None:
+    def write() -> str:
+        """OUT.json and OUT.md from the rows so far; returns the markdown."""
         with_stored_ft()
         summ = summary(rows, purified)
         doc = {"config": {"methods": args.methods, "clean_size": args.clean_size, "seed": args.seed,
                           "options": options, "folders": [str(f) for f in folders]},
                "rows": rows, "summary": summ, "purified": purified}
+        text = markdown(rows, summ, purified)
         atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=2))
-        atomic_write_text(out.with_suffix(".md"), markdown(rows, summ, purified))
+        atomic_write_text(out.with_suffix(".md"), text)
+        return text
 
     for f in files:
         todo = [m for m in args.methods if not any(r["model"] == f.name and r["method"] == m for r in rows)]
@@ -395,10 +403,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"(true {r['true_target']}), score {r['score']}, proxy ASR {r['proxy_asr']}, "
                   f"{r['seconds']:.1f}s (FT {r['ft_seconds']})", file=sys.stderr)
         write()  # after every model: a stopped run keeps what it measured (--resume goes on from it)
-    write()
+    text = write()
     if args.figure:
         figure(rows, Path(args.figure))
-    print(markdown(rows, summary(rows, purified), purified))
+    print(text)
     return 0
 
 
