@@ -385,3 +385,39 @@ def test_zoo_reads_purified_runs_and_ft_times_from_the_store(tmp_path):
     summ = zoo.summary([], rows)["purified"]
     assert summ["n"] == 3 and summ["spearman_replayed_proxy_vs_asr"] == pytest.approx(1.0)  # re-optimised left out
     assert zoo.stored_ft_seconds(str(db), ["s1", "s2"]) == {"m1.safetensors": pytest.approx(110.0)}
+
+
+def _bench_module(name):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_feature_probe_cuts_the_model_after_a_layer_and_keeps_the_pattern_in_range():
+    from fipurify.models import create as create_model
+
+    probe = _bench_module("feature_probe")
+    torch.manual_seed(0)
+    model = create_model("preactresnet18", num_classes=4, width=4).eval()
+    x = torch.rand(6, 3, 16, 16)
+    with torch.no_grad():
+        full = model(x)
+        for name in ("layer3", "layer4"):
+            layer = dict(model.named_modules())[name]
+            feats = probe.layer_outputs(model, layer, x)
+            assert torch.allclose(probe.suffix(model, name)(feats), full, atol=1e-5), name
+    layer = model.layer4
+    shape, lo, hi = probe.layer_range(model, layer, x, per_channel=True)
+    assert lo.shape == hi.shape == (shape[0], 1, 1) and bool((lo <= hi).all())
+    head = probe.suffix(model, "layer4")
+    feats = probe.layer_outputs(model, layer, x)
+    g = torch.Generator().manual_seed(0)
+    easy = int(full.argmax(1).mode().values)  # an untrained toy reaches its usual class at once
+    size, m, p, ok, steps = probe.reverse(head, feats, easy, shape, lo, hi, g, max_steps=30, batch=6,
+                                          pattern="channel", flip_rate=0.5)
+    assert ok
+    assert m.shape == (shape[0], 1, 1) and bool(((p >= lo - 1e-6) & (p <= hi + 1e-6)).all())
+    assert abs(float(m.sum()) - size) < 1e-4
+    assert 1 <= steps <= 30
