@@ -153,6 +153,16 @@ def held_out_flip(head, feats, target, m, p) -> float:
         return float((head((1 - m) * feats + m * p).argmax(1) == target).float().mean())
 
 
+def combined_sizes(size_lists: list[list[float]]) -> list[float]:
+    """One size per class from several detectors' sizes: the geometric mean over the detectors of
+    each class's size divided by that detector's median size (so every detector weighs the same
+    whatever its units)."""
+    import numpy as np
+
+    logs = [np.log(np.asarray(v, dtype=float)) - np.log(np.median(v)) for v in size_lists]
+    return np.exp(np.mean(logs, axis=0)).tolist()
+
+
 def main() -> None:
     from fipurify.datasets import draw_clean_subset
     from fipurify.detection import create, most_anomalous
@@ -172,6 +182,9 @@ def main() -> None:
                     help="map: a C x H x W pattern; channel: one value per channel, the same at every position")
     ap.add_argument("--bound", choices=["layer", "channel"], default="layer",
                     help="the pattern's range: the layer's clean range, or each channel's own")
+    ap.add_argument("--combine", action="store_true",
+                    help="also run Neural Cleanse in pixel space on the same images and test the combined sizes "
+                         "(combined_sizes over the pixel sizes and each layer's)")
     ap.add_argument("--data-root", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -181,6 +194,7 @@ def main() -> None:
         clean = draw_clean_subset(reserve, min(args.clean_size, len(reserve)), args.seed)
         data = create("neural-cleanse", seed=args.seed).split(model, clean)
         attack = meta.get("attack") or {}
+        lists = []
         for name in args.layers:
             layer = dict(model.named_modules())[name]
             t0 = time.perf_counter()
@@ -197,6 +211,7 @@ def main() -> None:
                     sizes.append(size)
                     steps.append(st)
                     holds.append(held_out_flip(head, f_hold[data.y_hold != c], c, m, p) if ok else None)
+            lists.append(sizes)
             top, index = most_anomalous(sizes)
             print(json.dumps({"model": str(path).rsplit("/", 1)[-1], "attack": attack.get("name", "none"),
                               "target": attack.get("target"), "asr": (meta.get("metrics") or {}).get("asr"),
@@ -205,6 +220,19 @@ def main() -> None:
                               "sizes": [round(s, 2) for s in sizes],
                               "proxy": None if holds[top] is None else round(holds[top], 3),
                               "steps": steps, "seconds": round(time.perf_counter() - t0)}), flush=True)
+        if args.combine:
+            t0 = time.perf_counter()
+            nc = create("neural-cleanse", seed=args.seed).detect(model, clean)
+            pixel = [r["size"] for r in nc.per_class]
+            both = combined_sizes([pixel, *lists])
+            top, index = most_anomalous(both)
+            print(json.dumps({"model": str(path).rsplit("/", 1)[-1], "attack": attack.get("name", "none"),
+                              "target": attack.get("target"), "combined": ["pixel", *args.layers],
+                              "pixel_candidate": nc.candidate, "pixel_index": round(nc.score, 2),
+                              "pixel_sizes": [round(v, 1) for v in pixel],
+                              "candidate": top, "anomaly_index": round(index, 2), "flagged": bool(index > 2),
+                              "sizes": [round(v, 3) for v in both],
+                              "seconds": round(time.perf_counter() - t0)}), flush=True)
 
 
 if __name__ == "__main__":

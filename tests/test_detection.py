@@ -421,3 +421,10 @@ def test_feature_probe_cuts_the_model_after_a_layer_and_keeps_the_pattern_in_ran
     assert m.shape == (shape[0], 1, 1) and bool(((p >= lo - 1e-6) & (p <= hi + 1e-6)).all())
     assert abs(float(m.sum()) - size) < 1e-4
     assert 1 <= steps <= 30
+
+
+def test_feature_probe_combines_sizes_by_their_medians():
+    probe = _bench_module("feature_probe")
+    # detector A in pixels, B in channels: class 0 is half A's median and a quarter of B's -> sqrt(1/8)
+    out = probe.combined_sizes([[50, 100, 100, 200], [0.5, 2, 2, 2]])
+    assert out == pytest.approx([(0.5 * 0.25) ** 0.5, 1.0, 1.0, 2 ** 0.5])
