@@ -7,6 +7,7 @@ so a new defense is one new file.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from ..errors import ConfigError
@@ -39,8 +40,12 @@ FALLBACK_METHOD = "ffip"
 def default_method(task: Any = None) -> str:
     """The method :func:`fipurify.purify` and ``fipurify purify`` use when none is named, for
     ``task`` (a :class:`~fipurify.tasks.Task`, its name, or None for image classification)."""
-    name = getattr(task, "name", task) or "image-classification"
-    return DEFAULT_METHODS.get(str(name), FALLBACK_METHOD)
+    name = str(getattr(task, "name", task) or "image-classification")
+    if name not in DEFAULT_METHODS:
+        warnings.warn(f"no purifier has been shown to remove a backdoor on {name} yet: the default there is "
+                      f"'{FALLBACK_METHOD}' (the paper's f-FIP), which did not remove them on images; check the "
+                      "result (docs/tasks.md) or name a method", stacklevel=3)
+    return DEFAULT_METHODS.get(name, FALLBACK_METHOD)
 
 
 def available() -> list[str]:
