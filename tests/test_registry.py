@@ -117,3 +117,11 @@ def test_the_default_method_is_chosen_per_task(monkeypatch):
             warnings.simplefilter("ignore")
             fipurify.purify(None, data)
     assert seen == ["detect-unlearn-clip-all", "ffip"]
+
+
+def test_a_dataset_whose_labels_a_flip_changes_turns_flips_off_for_every_defense():
+    assert datasets.dataset_info("gtsrb").flip is False and datasets.dataset_info("cifar10").flip is True
+    for method in ("ft", "ffip", "fst", "i-bau"):
+        assert defenses.create(method, "gtsrb").config.flip is False, method
+        assert defenses.create(method, "cifar10").config.flip is True, method
+    assert defenses.create("ft", "gtsrb", flip=True).config.flip is True  # the caller's word is last

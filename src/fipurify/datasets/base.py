@@ -98,6 +98,9 @@ class DatasetInfo:
     num_classes: int | None
     image_size: int | None
     channels: int | None
+    #: whether a horizontal flip keeps an image's label (False for traffic signs: a mirrored
+    #: "keep left" is "keep right"); defenses named with this dataset then train without flips
+    flip: bool = True
 
     def __getitem__(self, key: str):
         # Also usable like a dict: info["num_classes"].

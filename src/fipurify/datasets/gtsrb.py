@@ -172,7 +172,7 @@ def load_gtsrb(root: str | Path | None = None, split: str = "train", size: Size 
     return ArrayDataset(images, labels, classes, name=f"gtsrb-{split}")
 
 
-DATASETS.register("gtsrb", loader("gtsrb", load_gtsrb), info=DatasetInfo("gtsrb", len(GTSRB_CLASSES), 32, 3))
+DATASETS.register("gtsrb", loader("gtsrb", load_gtsrb), info=DatasetInfo("gtsrb", len(GTSRB_CLASSES), 32, 3, flip=False))
 
 
 __all__ = ["GTSRB_CLASSES", "GTSRB_ARCHIVE", "GTSRB_SHA256", "find_gtsrb", "load_gtsrb"]

@@ -63,6 +63,8 @@ def preset(dataset: str) -> dict[str, Any]:
 
 def create(method: str | None = None, dataset: str | None = None, **options: Any) -> Defense:
     """A configured defense: the dataset's FIP schedule (FIP family only), method defaults, then ``options``.
+    On a dataset whose labels a horizontal flip changes (``DatasetInfo.flip`` False: GTSRB) every defense
+    that has a ``flip`` setting trains without flips unless ``options`` say otherwise.
 
     ``method`` None is :func:`default_method` for image classification; ``dataset`` is validated for every method.
     """
@@ -74,5 +76,23 @@ def create(method: str | None = None, dataset: str | None = None, **options: Any
         if entry.obj is FIP:  # the presets are FIP's; baselines keep their own papers' schedules
             merged.update(schedule)
     merged.update(entry.options)  # the schedule yields to the name's presets, and both to ``options``
+    if dataset is not None and not _flip_keeps_labels(dataset) and "flip" in _fields(entry.obj):
+        merged["flip"] = False  # every defense, not only FIP: a mirrored traffic sign has another label
     merged.update(options)
     return DEFENSES.create(name, **merged)
+
+
+def _flip_keeps_labels(dataset: str) -> bool:
+    """What the dataset registry says of horizontal flips (True for a dataset it does not know)."""
+    from ..datasets import DATASETS
+
+    key = dataset.lower().replace("_", "-")
+    info = DATASETS.entry(key).info if key in DATASETS else None
+    return bool(getattr(info, "flip", True))
+
+
+def _fields(cls: type) -> set[str]:
+    from dataclasses import fields, is_dataclass
+
+    config = getattr(cls, "config_class", None)
+    return {f.name for f in fields(config)} if config is not None and is_dataclass(config) else set()
