@@ -303,12 +303,17 @@ def test_detect_zoo_benchmark_runs_on_one_model(saved_model, tmp_path, monkeypat
     assert json.loads((tmp_path / "per.json").read_text())["rows"][0]["n_clean"] == 120
 
 
+def _bench_module(name):
+    """A script of benchmarks/ imported as a module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _zoo_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "detect_zoo.py"
-    spec = importlib.util.spec_from_file_location("detect_zoo", path)
-    zoo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(zoo)
-    return zoo
+    return _bench_module("detect_zoo")
 
 
 def test_zoo_auroc_and_spearman_match_hand_computation():
@@ -385,14 +390,6 @@ def test_zoo_reads_purified_runs_and_ft_times_from_the_store(tmp_path):
     summ = zoo.summary([], rows)["purified"]
     assert summ["n"] == 3 and summ["spearman_replayed_proxy_vs_asr"] == pytest.approx(1.0)  # re-optimised left out
     assert zoo.stored_ft_seconds(str(db), ["s1", "s2"]) == {"m1.safetensors": pytest.approx(110.0)}
-
-
-def _bench_module(name):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_feature_probe_cuts_the_model_after_a_layer_and_keeps_the_pattern_in_range():
