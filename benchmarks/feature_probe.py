@@ -106,41 +106,32 @@ def layer_range(model: nn.Module, layer: nn.Module, images: torch.Tensor, per_ch
 def reverse(head, images, target, shape, lo, hi, g, *, max_steps=100, batch=64, lr=0.1,
             init_cost=1e-3, mult=1.5, patience=5, stop_patience=10, min_improvement=0.01, mask_init=0.05,
             flip_rate=0.9, pattern="map"):
-    """Neural Cleanse's optimisation with a per-channel mask at ``layer`` (see the docstring)."""
+    """Neural Cleanse's optimisation (its :class:`CostSchedule`) with a per-channel mask at ``layer``
+    (see the docstring)."""
+    from fipurify.detection.neural_cleanse import CostSchedule
+
     c_, h, w = shape
     a = torch.full((c_, 1, 1), math.atanh(2 * mask_init - 1), requires_grad=True)
     b = torch.zeros((c_, h, w) if pattern == "map" else (c_, 1, 1), requires_grad=True)
     opt = torch.optim.Adam([a, b], lr=lr, betas=(0.5, 0.9))
     labels = torch.full((min(batch, len(images)),), target)
-    cost, up, down, since, best, step, flip = 0.0, 0, 0, 0, None, 0, 0.0
+    schedule = CostSchedule(init_cost, mult, patience, stop_patience, min_improvement)
+    best, step = None, 0
     for step in range(1, max_steps + 1):
         x = images[torch.randint(len(images), (len(labels),), generator=g)]
         m = (torch.tanh(a) + 1) / 2
         p = lo + (hi - lo) * torch.sigmoid(b)
         out = head((1 - m) * x + m * p)
         l1 = m.sum()
-        loss = F.cross_entropy(out, labels) + cost * l1
+        loss = F.cross_entropy(out, labels) + schedule.cost * l1
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         flip = float((out.argmax(1) == target).float().mean())
-        ok = flip >= flip_rate
         size = float(l1.detach())
-        since += 1
-        if ok and (best is None or size < best[0]):
-            if best is None or size < best[0] * (1 - min_improvement):
-                since = 0
+        if schedule.record(flip >= flip_rate, size):
             best = (size, m.detach().clone(), p.detach().clone())
-        if cost == 0:
-            if ok:
-                cost = init_cost
-        else:
-            up, down = (up + 1, 0) if ok else (0, down + 1)
-            if up >= patience:
-                cost, up = cost * mult, 0
-            elif down >= patience:
-                cost, down = cost / mult ** 1.5, 0
-        if best is not None and since >= stop_patience:
+        if schedule.done:
             break
     if best is None:
         with torch.no_grad():

@@ -94,6 +94,49 @@ class NeuralCleanseConfig(DetectorConfig):
         return self
 
 
+class CostSchedule:
+    """The paper's L1-cost schedule and the per-class early stop, step by step.
+
+    ``cost`` 0 stays off until a step first reaches the flip rate, then becomes ``init_cost``; it is
+    multiplied by ``multiplier`` after ``patience`` successive steps at or above the flip rate and divided
+    by ``multiplier ** 1.5`` after ``patience`` successive steps below it. :meth:`record` also keeps the
+    smallest size seen at a step that reached the flip rate; :attr:`done` once such a size exists and
+    ``stop_patience`` steps have passed without it shrinking by ``min_improvement``.
+    """
+
+    def __init__(self, init_cost: float, multiplier: float, patience: int, stop_patience: int,
+                 min_improvement: float, cost: float = 0.0):
+        self.init_cost, self.multiplier, self.patience = init_cost, multiplier, patience
+        self.stop_patience, self.min_improvement = stop_patience, min_improvement
+        self.cost = cost
+        self.best_size: float | None = None
+        self._up = self._down = self._since_best = 0
+
+    def record(self, ok: bool, size: float) -> bool:
+        """After a step that reached the flip rate (``ok``) or not with mask size ``size``: update the
+        cost; True when ``size`` is the new smallest that reached it (the caller keeps that trigger)."""
+        self._since_best += 1
+        improved = ok and (self.best_size is None or size < self.best_size)
+        if improved:
+            if self.best_size is None or size < self.best_size * (1 - self.min_improvement):
+                self._since_best = 0
+            self.best_size = size
+        if self.cost == 0:
+            if ok:
+                self.cost = self.init_cost
+        else:
+            self._up, self._down = (self._up + 1, 0) if ok else (0, self._down + 1)
+            if self._up >= self.patience:
+                self.cost, self._up = self.cost * self.multiplier, 0
+            elif self._down >= self.patience:
+                self.cost, self._down = self.cost / self.multiplier ** 1.5, 0
+        return improved
+
+    @property
+    def done(self) -> bool:
+        return self.best_size is not None and self._since_best >= self.stop_patience
+
+
 @register("neural-cleanse")
 class NeuralCleanse(Detector):
     """Per-class mask/pattern reverse engineering; size = mask L1 norm (pixels)."""
@@ -136,7 +179,8 @@ class NeuralCleanse(Detector):
         b = b0.clone().to(device).requires_grad_(True)
         opt = torch.optim.Adam([a, b], lr=cfg.lr, betas=(0.5, 0.9))
         labels = torch.full((min(cfg.batch_size, len(images)),), target, device=device)
-        up, down, since_best = 0, 0, 0
+        schedule = CostSchedule(cfg.init_cost, cfg.cost_multiplier, cfg.patience, stop_patience,
+                                cfg.min_improvement, cost)
         best: tuple[float, float, torch.Tensor, torch.Tensor] | None = None
         step = 0
         for step in range(1, max_steps + 1):
@@ -145,29 +189,15 @@ class NeuralCleanse(Detector):
             m, p = (torch.tanh(a) + 1) / 2, (torch.tanh(b) + 1) / 2
             out = model((1 - m) * x + m * p)
             l1 = m.sum()
-            loss = F.cross_entropy(out, labels) + cost * l1
+            loss = F.cross_entropy(out, labels) + schedule.cost * l1
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             flip = float((out.argmax(1) == target).float().mean())
-            ok = flip >= flip_rate
             size = float(l1.detach())
-            since_best += 1
-            if ok and (best is None or size < best[0]):
-                if best is None or size < best[0] * (1 - cfg.min_improvement):
-                    since_best = 0
+            if schedule.record(flip >= flip_rate, size):
                 best = (size, flip, m.detach()[0].clone(), p.detach()[0].clone())
-            # the cost schedule of the paper
-            if cost == 0:
-                if ok:
-                    cost = cfg.init_cost
-            else:
-                up, down = (up + 1, 0) if ok else (0, down + 1)
-                if up >= cfg.patience:
-                    cost, up = cost * cfg.cost_multiplier, 0
-                elif down >= cfg.patience:
-                    cost, down = cost / cfg.cost_multiplier ** 1.5, 0
-            if best is not None and since_best >= stop_patience:
+            if schedule.done:
                 break
         if best is None:  # never reached the flip rate: report where it ended
             with torch.no_grad():
