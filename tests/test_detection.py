@@ -425,3 +425,57 @@ def test_feature_probe_combines_sizes_by_their_medians():
     # detector A in pixels, B in channels: class 0 is half A's median and a quarter of B's -> sqrt(1/8)
     out = probe.combined_sizes([[50, 100, 100, 200], [0.5, 2, 2, 2]])
     assert out == pytest.approx([(0.5 * 0.25) ** 0.5, 1.0, 1.0, 2 ** 0.5])
+
+
+# --------------------------------------------------------------------------- the threshold and the class count
+def test_class_count_threshold_keeps_the_ten_class_false_alarm_chance():
+    from statistics import NormalDist
+
+    t = detection.class_count_threshold
+    assert t(2.0, 10) == 2.0 and t(2.0, 4) == 2.0  # never lowered for fewer classes
+    phi = NormalDist().cdf
+    # by the definition: the largest of K standard-normal indices crosses t_K as often as the largest of 10 crosses 2
+    assert phi(t(2.0, 43)) ** 43 == pytest.approx(phi(2.0) ** 10, rel=1e-9)
+    assert t(2.0, 43) == pytest.approx(2.553, abs=1e-3) and t(2.0, 100) > t(2.0, 43) > 2.0
+    # and by simulation: the chance that a clean model's largest index crosses it (iid normal sizes, MAD index)
+    rng = np.random.default_rng(0)
+    def alarm_rate(k, thr):
+        return float(np.mean([detection.most_anomalous(rng.normal(size=k))[1] > thr for _ in range(2000)]))
+    assert abs(alarm_rate(43, t(2.0, 43)) - alarm_rate(10, 2.0)) < 0.06
+    assert alarm_rate(43, 2.0) > alarm_rate(10, 2.0) + 0.2  # why: a fixed 2 alarms far more often on 43 classes
+
+
+class _PresetSizes(detection.Detector):
+    """A detector whose per-class trigger sizes are given: only the shared verdict runs."""
+    name = "preset"
+
+    def __init__(self, sizes, **options):
+        super().__init__(**options)
+        self.sizes = sizes
+
+    def reverse(self, model, images, target, generator):
+        trig = detection.Trigger("perturbation", target, delta=torch.zeros(images.shape[1:]))
+        return detection.base.ClassResult(self.sizes[target], trig, 1.0, True, 1)
+
+
+def test_the_verdict_uses_the_class_count_threshold():
+    from fipurify.datasets.synthetic import synthetic
+
+    k = 20
+    data = synthetic(n=10 * k, num_classes=k, image_size=8, seed=0, split="reserve")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, k))
+    # class 0 the smallest: the median and MAD depend only on the order, so place it at index 2.2
+    others = np.arange(20.0, 20.0 + k - 1)
+    v = np.concatenate([[-1e3], others])
+    med = float(np.median(v))
+    sizes = [med - 2.2 * 1.4826 * float(np.median(np.abs(v - med)))] + others.tolist()
+    assert detection.most_anomalous(sizes) == (0, pytest.approx(2.2))
+    assert 2.0 < 2.2 < detection.class_count_threshold(2.0, k)
+    auto = _PresetSizes(sizes).detect(model, data)
+    fixed = _PresetSizes(sizes, threshold_classes=None).detect(model, data)
+    assert auto.threshold == pytest.approx(detection.class_count_threshold(2.0, k))
+    assert not auto.backdoored and auto.candidate == 0 and auto.score == pytest.approx(2.2)
+    assert fixed.threshold == 2.0 and fixed.backdoored and fixed.target == 0
+    assert f"2.20 <= threshold {auto.threshold:.2f}" in auto.verdict()
+    with pytest.raises(ConfigError, match="threshold_classes"):
+        _PresetSizes(sizes, threshold_classes=1)

@@ -7,7 +7,8 @@ clean Fisher tells which weights hold clean knowledge:
 
 1. **Detect** from clean data only: :func:`fipurify.detection.detect` reverse-engineers a
    trigger per class (Neural Cleanse by default) and flags the classes whose trigger is
-   anomalously small (median-absolute-deviation index above the detector's threshold, 2).
+   anomalously small (median-absolute-deviation index above the detector's threshold: 2 for up to
+   ten classes, raised for more, 2.55 for 43; :func:`fipurify.detection.class_count_threshold`).
 2. **Unlearn**: fine-tune all weights on the clean training split; in each batch a share
    ``stamp`` of the (augmented) images carries a recovered trigger of a flagged class, one
    drawn at random per image, *under its true label*:

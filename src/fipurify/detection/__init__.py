@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .base import ClassResult, Detector, DetectorConfig, flip_rate, replayed_flip_rate
-from .outlier import DEFAULT_THRESHOLD, MAD_CONSTANT, anomaly_indices, most_anomalous
+from .outlier import DEFAULT_THRESHOLD, MAD_CONSTANT, anomaly_indices, class_count_threshold, most_anomalous
 from .registry import DEFAULT_METHOD, DETECTORS, available, create, register
 from .report import DetectionReport, Trigger
 from . import neural_cleanse, uap  # noqa: E402,F401  (the families register themselves)
@@ -49,4 +49,4 @@ def detect(model: nn.Module, clean_data: Dataset | DataLoader, method: str = DEF
 
 __all__ = ["ClassResult", "DEFAULT_METHOD", "DEFAULT_THRESHOLD", "DETECTORS", "DetectionReport", "Detector",
            "DetectorConfig", "MAD_CONSTANT", "NeuralCleanse", "NeuralCleanseConfig", "Trigger", "UAP", "UAPConfig",
-           "anomaly_indices", "available", "create", "detect", "flip_rate", "most_anomalous", "register", "replayed_flip_rate"]
+           "anomaly_indices", "available", "class_count_threshold", "create", "detect", "flip_rate", "most_anomalous", "register", "replayed_flip_rate"]

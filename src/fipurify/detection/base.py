@@ -10,7 +10,8 @@ test of :mod:`.outlier` finds. The shared driver (:meth:`Detector.detect`):
 2. reverses a trigger per class present in the clean set, using only images of the other
    classes, and measures its flip rate on the held-out images of the other classes;
 3. flags the class with the largest small-side anomaly index of the trigger sizes if it
-   exceeds ``threshold``; its held-out flip rate is the proxy ASR.
+   exceeds the threshold (``threshold``, raised for more than ``threshold_classes`` classes by
+   :func:`.outlier.class_count_threshold`); its held-out flip rate is the proxy ASR.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..defenses.base import Configured, Options
 from ..errors import ConfigError
 from .clean import CleanSplit, load_clean
-from .outlier import DEFAULT_THRESHOLD, anomaly_indices
+from .outlier import DEFAULT_THRESHOLD, REFERENCE_CLASSES, anomaly_indices, class_count_threshold
 from .report import DetectionReport, Trigger
 
 Log = Callable[[str], None]
@@ -43,7 +44,9 @@ class DetectorConfig(Options):
     ``batch_size`` images. ``holdout``: share of each class kept out of the optimisation to
     measure the triggers (proxy ASR), capped at ``max_holdout`` images. ``min_per_class``:
     clean images needed in each class that has any. ``threshold``: anomaly index above which
-    the model is flagged (Neural Cleanse: 2).
+    the model is flagged (Neural Cleanse: 2), meant for ``threshold_classes`` classes: with more
+    classes analysed it is raised so that a clean model crosses it as rarely as with that many
+    (:func:`.outlier.class_count_threshold`; 2.55 for GTSRB's 43); ``None`` uses it as is.
     """
     flip_rate: float = 0.9
     max_steps: int = 100
@@ -52,6 +55,7 @@ class DetectorConfig(Options):
     max_holdout: int = 500
     min_per_class: int = 5
     threshold: float = DEFAULT_THRESHOLD
+    threshold_classes: int | None = REFERENCE_CLASSES
     seed: int = 0
 
     def validate(self) -> "DetectorConfig":
@@ -68,6 +72,9 @@ class DetectorConfig(Options):
             raise ConfigError(f"holdout must lie in (0, 1), got {self.holdout}")
         if not self.threshold > 0:
             raise ConfigError(f"threshold must be positive, got {self.threshold}")
+        if self.threshold_classes is not None and (isinstance(self.threshold_classes, bool) or not isinstance(
+                self.threshold_classes, int) or self.threshold_classes < 2):
+            raise ConfigError(f"threshold_classes must be an integer >= 2 or None, got {self.threshold_classes!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,10 +160,12 @@ class Detector(Configured):
                 if log:
                     log(f"class {data.label(candidate)} refined: {self.size_name} {refined.size:.4g}, "
                         f"held-out flip rate {100 * proxy:.1f} %, {refined.steps} steps")
-        flagged = score > cfg.threshold and results[candidate].reached
+        threshold = cfg.threshold if cfg.threshold_classes is None else \
+            class_count_threshold(cfg.threshold, len(classes), cfg.threshold_classes)
+        flagged = score > threshold and results[candidate].reached
         return DetectionReport(
             method=self.name, backdoored=flagged, target=candidate if flagged else None, candidate=candidate,
-            score=score, threshold=cfg.threshold, proxy_asr=proxy, size_name=self.size_name, per_class=rows,
+            score=score, threshold=threshold, proxy_asr=proxy, size_name=self.size_name, per_class=rows,
             triggers={c: r.trigger for c, r in results.items()}, class_names=list(data.class_names),
             n_clean=len(data.y_opt) + len(data.y_hold), n_optimise=len(data.y_opt), n_holdout=len(data.y_hold),
             missing_classes=list(data.missing), config=cfg.to_dict(), seconds=time.perf_counter() - t0,

@@ -101,13 +101,13 @@ class DetectionReport:
         return str(c) if name == str(c) else f"{c} ({name})"
 
     def verdict(self) -> str:
-        """One line: ``backdoored: yes, suspected target 0 (airplane), score 5.3 > threshold 2.0, proxy ASR 98.4 %``."""
+        """One line: ``backdoored: yes, suspected target 0 (airplane), score 5.30 > threshold 2.00, proxy ASR 98.4 %``."""
         asr = "n/a" if self.proxy_asr is None else f"{100 * self.proxy_asr:.1f} %"
         if self.backdoored:
             return (f"backdoored: yes, suspected target {self.class_label(self.target)}, score {_num(self.score)} "
-                    f"> threshold {self.threshold:.1f}, proxy ASR {asr}")
+                    f"> threshold {self.threshold:.2f}, proxy ASR {asr}")
         return (f"backdoored: no, most suspicious class {self.class_label(self.candidate)}, score "
-                f"{_num(self.score)} <= threshold {self.threshold:.1f}, proxy ASR {asr}")
+                f"{_num(self.score)} <= threshold {self.threshold:.2f}, proxy ASR {asr}")
 
     def table(self) -> str:
         """The per-class evidence as a text table."""

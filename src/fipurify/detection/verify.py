@@ -84,7 +84,7 @@ def format_comparison(c: dict[str, Any]) -> str:
 
     def verdict(flagged, score):
         score = float(score)  # "inf" from JSON-ready form
-        return f"{'flagged' if flagged else 'not flagged'} (score {score:.2f} {'>' if flagged else '<='} {c['threshold']:.1f})"
+        return f"{'flagged' if flagged else 'not flagged'} (score {score:.2f} {'>' if flagged else '<='} {c['threshold']:.2f})"
 
     what = "suspected target" if c["flagged_before"] else "no backdoor flagged; most suspicious class"
     return (f"detector ({c['method']}): {what} {c['class_label']}, proxy ASR {pct(c['proxy_asr_before'])} -> "
