@@ -168,6 +168,48 @@ def test_act_clip_cuts_what_clean_data_does_not_need():
     assert (again.relu.bound <= out.relu.bound + 1e-6).all()
 
 
+def test_mixtures_lie_between_two_classes():
+    from fipurify.defenses.act_clip import mixed_images
+
+    x = torch.cat([torch.zeros(5, 1, 2, 2), torch.ones(5, 1, 2, 2)])
+    classes = torch.tensor([0] * 5 + [1] * 5)
+    m = mixed_images(x, classes, seed=0)
+    lam0 = 1 - m[:5].flatten(1)  # a class-0 image (zeros) mixed with a class-1 one (ones): 1 - lam everywhere
+    assert torch.allclose(lam0, lam0[:, :1].expand_as(lam0)) and ((lam0 > 0) & (lam0 < 1)).all()
+    assert ((m[5:] > 0) & (m[5:] < 1)).all()
+    assert torch.equal(m, mixed_images(x, classes, seed=0)) and not torch.equal(m, mixed_images(x, classes, seed=1))
+
+
+def test_images_learned_by_heart_hide_what_mixtures_show():
+    """Clean images far from the boundary (one half bright, the other dark) agree under bounds that move
+    the boundary a long way; their mixtures do not. ``agreement_on="clean+mixed"`` keeps the bounds at
+    which both agree; its records show both agreements, and every kept epoch meets both."""
+    torch.manual_seed(0)
+    model = Toy().eval()
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(2, (400,), generator=g)
+    x = torch.rand(400, 1, 4, 4, generator=g) * 0.5
+    x[y == 0, :, :, 2:] *= 0.1
+    x[y == 1, :, :, :2] *= 0.1
+    x[:, 0, 0, 0] = 0.0
+    from fipurify.defenses.act_clip import mixed_images
+
+    mixed = mixed_images(x, model(x).argmax(1), 0)
+    agree = {}
+    for on in ("clean", "clean+mixed"):
+        d = DEFENSES.create("act-clip", epochs=30, agreement_on=on)
+        out = d.purify(model, TensorDataset(x, y), progress=False)
+        with torch.no_grad():
+            agree[on] = float((out(mixed).argmax(1) == model(mixed).argmax(1)).float().mean())
+        assert d.report["agreement"] >= 0.98
+    assert agree["clean"] < 0.9 and agree["clean+mixed"] >= 0.98
+    rep = d.report
+    assert rep["mixed_agreement"] == pytest.approx(agree["clean+mixed"])
+    assert all(h["kept"] == (min(h["agreement"], h["mixed_agreement"]) >= 0.98) for h in rep["history"])
+    with pytest.raises(ConfigError, match="agreement_on"):
+        DEFENSES.create("act-clip", agreement_on="mixed")
+
+
 def test_act_clip_refuses_bad_options_and_models_without_activation_modules():
     with pytest.raises(ConfigError, match="agreement"):
         DEFENSES.create("act-clip", agreement=0)

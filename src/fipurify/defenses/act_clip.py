@@ -26,6 +26,13 @@ After every epoch the clipped model's predictions are compared with the unclippe
 images: if they agree on at least ``agreement`` of them, these bounds are kept as the best so far and
 :math:`c` is multiplied by ``penalty_factor`` (clip harder), else divided by it. The bounds returned
 are the last that met the agreement (none met it: the clean maxima, which cut nothing clean).
+With ``agreement_on="clean+mixed"`` the agreement must hold on a second set as well: every clean
+image mixed with one of another class, :math:`\\lambda x_i + (1 - \\lambda) x_j` with
+:math:`\\lambda \\sim U(0, 1)` (fixed by ``seed``), against the unclipped model's own predictions on
+them. Images a model has learned by heart (GTSRB's clean reserve holds frames of the training
+tracks) sit far from every decision boundary, so clipping can move the boundaries a long way before
+it changes a prediction there; the mixtures lie between the classes, where a moved boundary shows
+(``docs/default-purifier-devlog.md``, candidate 4i).
 The modules bounded are the first ``layers`` share of the model's activation modules in forward
 order (:func:`~fipurify.models.bounded.activations_in_order`; for PreActResNet18 at 0.5, every
 ReLU of its first two stages), as the authors' code clips the first stages of a ResNet. Only
@@ -56,13 +63,18 @@ from ..models.bounded import ACTIVATIONS, activations_in_order, insert_bounds
 from .base import DEFENSES, Defense, DefenseConfig, EpochCallback, Step
 
 
+#: the image sets the clipped model's agreement is measured on (module doc)
+AGREEMENT_SETS = ("clean", "clean+mixed")
+
+
 @dataclass
 class ActivationClipConfig(DefenseConfig):
     """Options of :class:`ActivationClip` (see the module doc).
 
     ``layers``: share of the activation modules bounded, in forward order (at least one).
     ``agreement``: share of the clean training images on which the clipped model must predict as
-    the unclipped one. ``penalty``: the starting weight ``c`` of the bounds' size;
+    the unclipped one; ``agreement_on``: ``"clean"`` (those images) or ``"clean+mixed"`` (those and
+    their between-class mixtures, each at ``agreement``). ``penalty``: the starting weight ``c`` of the bounds' size;
     ``penalty_factor``: its step after each epoch. ``epochs``, ``lr`` (Adam) and ``batch_size`` drive
     the optimisation of the bounds; the fine-tuning options of :class:`DefenseConfig` are unused
     (no weight changes).
@@ -72,6 +84,7 @@ class ActivationClipConfig(DefenseConfig):
     batch_size: int = 200
     layers: float = 0.5
     agreement: float = 0.98
+    agreement_on: str = "clean"
     penalty: float = 0.5
     penalty_factor: float = 1.2
 
@@ -81,6 +94,8 @@ class ActivationClipConfig(DefenseConfig):
             raise ConfigError(f"layers must lie in (0, 1], got {self.layers}")
         if not 0 < self.agreement <= 1:
             raise ConfigError(f"agreement must lie in (0, 1], got {self.agreement}")
+        if self.agreement_on not in AGREEMENT_SETS:
+            raise ConfigError(f"agreement_on must be one of {', '.join(AGREEMENT_SETS)}, got {self.agreement_on!r}")
         if not self.penalty > 0:
             raise ConfigError(f"penalty must be positive, got {self.penalty}")
         if not self.penalty_factor >= 1:
@@ -90,6 +105,28 @@ class ActivationClipConfig(DefenseConfig):
 
 def _inputs(data: Dataset, device: torch.device) -> torch.Tensor:
     return torch.cat([x for x, _ in DataLoader(data, batch_size=256)]).to(device)
+
+
+def mixed_images(x: torch.Tensor, classes: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each image of ``x`` mixed with one of another class: ``lam * x_i + (1 - lam) * x_j``,
+    ``lam ~ U(0, 1)`` and the partner ``j`` drawn among the images whose ``classes`` differ
+    (an image whose class is the only one present is mixed with a random other image)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    n = len(x)
+    partner = torch.empty(n, dtype=torch.long)
+    cls = classes.cpu()
+    for i in range(n):
+        others = torch.nonzero(cls != cls[i]).flatten()
+        pool = others if len(others) else torch.arange(n)
+        partner[i] = pool[torch.randint(len(pool), (1,), generator=gen)]
+    lam = torch.rand(n, generator=gen).view(-1, *([1] * (x.dim() - 1))).to(x)
+    return lam * x + (1 - lam) * x[partner.to(x.device)]
+
+
+def _agreement(model: nn.Module, sets: list[tuple[torch.Tensor, torch.Tensor]],
+               buffers: dict[str, torch.Tensor] | None = None) -> list[float]:
+    """Per ``(images, reference predictions)`` set, the share the model predicts alike."""
+    return [float((_logits(model, x, buffers).argmax(1) == ref).float().mean()) for x, ref in sets]
 
 
 def _logits(model: nn.Module, x: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -138,13 +175,18 @@ class ActivationClip(Defense):
             maxima = _clean_maxima(model, [n for n, _ in chosen], x)
             with torch.no_grad():
                 ref = _logits(model, x)
-            ref_pred, var = ref.argmax(1), ref.var().clamp_min(1e-12)
+                ref_pred, var = ref.argmax(1), ref.var().clamp_min(1e-12)
+                sets = [(x, ref_pred)]
+                if cfg.agreement_on == "clean+mixed":
+                    mixed = mixed_images(x, ref_pred, cfg.seed)
+                    sets.append((mixed, _logits(model, mixed).argmax(1)))
             setup = time.perf_counter() - t0
-            best, c, history = self._learn(model, x, ref, ref_pred, var, maxima, progress, callback)
+            best, c, history = self._learn(model, x, ref, sets, var, maxima, progress, callback)
             for name, r in best.items():
                 model.get_submodule(name).bound.copy_(maxima[name] * r)
             with torch.no_grad():
                 agree = float((_logits(model, x).argmax(1) == ref_pred).float().mean())
+                agree_mixed = _agreement(model, sets[1:])[0] if len(sets) > 1 else None
                 held = None
                 if holdout is not None and len(holdout):
                     held = _holdout_agreement(model, _inputs(holdout, device), [n for n, _ in chosen])
@@ -153,12 +195,14 @@ class ActivationClip(Defense):
                 p.requires_grad_(True)
             model.train(was_training)
         extra = {"bounded": {n: ch for n, ch in chosen},
-                 "relative_bounds": {n: float(r.mean()) for n, r in best.items()}, "penalty_final": c, "agreement": agree, "holdout_agreement": held}
+                 "relative_bounds": {n: float(r.mean()) for n, r in best.items()}, "penalty_final": c, "agreement": agree, "mixed_agreement": agree_mixed,
+                 "holdout_agreement": held}
         return Step(model, history, sum(ch for _, ch in chosen), {"setup": setup}, extra)
 
-    def _learn(self, model, x, ref, ref_pred, var, maxima, progress, callback):
+    def _learn(self, model, x, ref, sets, var, maxima, progress, callback):
         """The optimisation of the relative bounds (module doc); returns the kept bounds, the final
-        ``c`` and one record per epoch."""
+        ``c`` and one record per epoch. ``sets``: the ``(images, unclipped predictions)`` on which the
+        agreement is required."""
         cfg = self.config
         rel = {n: torch.ones_like(m, requires_grad=True) for n, m in maxima.items()}
         best = {n: r.detach().clone() for n, r in rel.items()}
@@ -185,13 +229,15 @@ class ActivationClip(Defense):
                 total, batches = total + float(loss.detach()), batches + 1
             with torch.no_grad():
                 bounds = {f"{n}.bound": maxima[n] * r for n, r in rel.items()}
-                agree = float((_logits(model, x, bounds).argmax(1) == ref_pred).float().mean())
-            ok = agree >= cfg.agreement
+                agree = _agreement(model, sets, bounds)
+            ok = min(agree) >= cfg.agreement
             if ok:
                 best = {n: r.detach().clone() for n, r in rel.items()}
-            rec = {"epoch": epoch, "loss": total / max(batches, 1), "agreement": agree, "penalty": c,
+            rec = {"epoch": epoch, "loss": total / max(batches, 1), "agreement": agree[0], "penalty": c,
                    "mean_relative_bound": float(torch.cat([r.detach() for r in rel.values()]).mean()),
                    "kept": ok, "seconds": time.perf_counter() - t0}
+            if len(agree) > 1:
+                rec["mixed_agreement"] = agree[1]
             c = c * cfg.penalty_factor if ok else c / cfg.penalty_factor
             history.append(rec)
             if callback is not None:
@@ -239,6 +285,8 @@ def format_bounds(report: dict[str, Any]) -> str | None:
     out = (f"activation bounds on {len(values)} module{'s' if len(values) != 1 else ''} at "
            f"{min(values):.2f} - {max(values):.2f} of their clean maxima (mean {sum(values) / len(values):.2f}); "
            f"the clipped model agrees with the unclipped one on {100 * report['agreement']:.1f} % of the clean images")
+    if report.get("mixed_agreement") is not None:
+        out += f" and {100 * report['mixed_agreement']:.1f} % of their mixtures"
     if report.get("holdout_agreement") is not None:
         out += f" (hold-out {100 * report['holdout_agreement']:.1f} %)"
     return out
