@@ -263,7 +263,7 @@ def markdown(rows: list[dict[str, Any]], summ: dict[str, Any], purified: list[di
 
 def figure(rows: list[dict[str, Any]], path: Path) -> None:
     """One panel per method: each model's score (log scale), clean models against backdoored ones
-    (strong all-to-one, all-to-all, weak), the flagging threshold as a line; an infinite score is
+    (strong all-to-one, all-to-all, weak), the flagging thresholds as lines (one per class count); an infinite score is
     drawn at the top edge."""
     import io
     import math
@@ -285,7 +285,8 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
         ax = fig.add_subplot(1, len(methods), k + 1)
         mine = [r for r in rows if r["method"] == method]
         finite = [_score(r) for r in mine if math.isfinite(_score(r)) and _score(r) > 0]
-        top = max(finite + [mine[0]["threshold"]]) * 2 if finite else 10.0
+        thresholds = sorted({float(r["threshold"]) for r in mine})
+        top = max(finite + thresholds) * 2 if finite else 10.0
         for g, (label, keep) in enumerate(groups):
             sel = [r for r in mine if keep(r)]
             ys = [min(_score(r), top) if _score(r) > 0 else 0.05 for r in sel]
@@ -299,7 +300,10 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
                         text += f" (flags class {r['suspected_target']})"
                     ax.annotate(text, (x, y), fontsize=6, xytext=(4, 0), textcoords="offset points",
                                 va="center")
-        ax.axhline(mine[0]["threshold"], color="gray", ls="--", lw=1)
+        for t, ls in zip(thresholds, ("--", ":", "-.", "-")):  # it rises with the class count (GTSRB: 43)
+            ax.axhline(t, color="gray", ls=ls, lw=1, label=f"threshold {t:.2f}")
+        if len(thresholds) > 1:
+            ax.legend(fontsize=6, loc="upper right")
         ax.set_yscale("log")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([g[0] for g in groups], fontsize=7)
