@@ -479,3 +479,35 @@ def test_the_verdict_uses_the_class_count_threshold():
     assert f"2.20 <= threshold {auto.threshold:.2f}" in auto.verdict()
     with pytest.raises(ConfigError, match="threshold_classes"):
         _PresetSizes(sizes, threshold_classes=1)
+
+
+def test_noise_probe_counts_received_shares_and_raises_the_loss_within_eps(tiny_backdoor):
+    import torch.nn.functional as F
+
+    probe = _bench_module("noise_probe")
+
+    class Fixed(nn.Module):  # predicts the class stored in the first pixel
+        def forward(self, x):
+            return F.one_hot(x[:, 0, 0, 0].long(), 3).float()
+
+    x = torch.zeros(6, 1, 2, 2)
+    x[:, 0, 0, 0] = torch.tensor([0.0, 0.0, 2.0, 2.0, 2.0, 1.0])
+    y = torch.tensor([0, 1, 1, 2, 0, 2])
+    shares, acc = probe.received_shares(Fixed(), x, y, 3)
+    # class 0 gets image 1 (label 1) of the 4 not labelled 0; class 1 gets image 5 of 4; class 2 gets images 2, 4 of 4
+    assert shares.tolist() == pytest.approx([1 / 4, 1 / 4, 2 / 4]) and acc == pytest.approx(2 / 6)
+
+    model = tiny_backdoor["model"].eval()
+    res = tiny_backdoor["reserve"]
+    xs = torch.stack([res[i][0] for i in range(len(res))])
+    ys = torch.tensor([int(res[i][1]) for i in range(len(res))])
+    with torch.no_grad():
+        before, loss0 = model(xs), F.cross_entropy(model(xs), ys)
+    pert = probe.adversarial_noise(model, xs, ys, 0.3, 10, 64, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = F.cross_entropy(model(xs), ys)
+    assert all(float(q.detach().abs().max()) <= 0.3 + 1e-6 for q in pert.noise_w + pert.noise_b)
+    assert float(loss) > float(loss0) + 0.1  # the ascent raised the clean loss
+    pert.remove()
+    with torch.no_grad():
+        assert torch.allclose(model(xs), before)  # the hooks are gone: the model is as it was
