@@ -85,3 +85,34 @@ def test_cli_train_with_abl(tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "unknown option" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_train_set_checks_share_the_clean_set_model_probe():
+    """check_train_set and check_clean_set run the model through one probe (defenses.base.check_model_runs):
+    each refuses a class-count mismatch, a label outside the model's range and a model that cannot
+    run on the items, naming its own set."""
+    from fipurify.datasets.base import ArrayDataset as AD
+    from fipurify.defenses.base import check_clean_set
+    from fipurify.defenses.training_time import check_train_set
+    from fipurify.errors import DataError
+
+    model = models.create("preactresnet18", num_classes=4, width=4, input_size=16)
+    images = np.zeros((6, 16, 16, 3), dtype=np.uint8)
+    five = AD(images, np.zeros(6, dtype=np.int64), [str(c) for c in range(5)], name="five")
+    with pytest.raises(DataError, match="the training set has 5"):
+        check_train_set(five, model)
+    with pytest.raises(DataError, match="the clean set has 5"):
+        check_clean_set(five, 1, model)
+    far = torch.utils.data.TensorDataset(torch.zeros(6, 3, 16, 16), torch.full((6,), 7))  # no num_classes
+    with pytest.raises(DataError, match="training label 7 is out of range"):
+        check_train_set(far, model)
+    with pytest.raises(DataError, match="clean label 7 is out of range"):
+        check_clean_set(far, 1, model)
+    wide = models.create("preactresnet18", num_classes=4, width=4, input_size=16)
+    wide.conv1 = nn.Conv2d(5, 4, 3, padding=1)  # expects 5 channels
+    ok = AD(images, np.zeros(6, dtype=np.int64), [str(c) for c in range(4)], name="ok")
+    with pytest.raises(DataError, match="cannot process images of shape"):
+        check_train_set(ok, wide)
+    with pytest.raises(DataError, match="cannot process clean images of shape"):
+        check_clean_set(ok, 1, wide)
+    assert wide.training  # the probe restores the model's mode

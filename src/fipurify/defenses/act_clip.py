@@ -185,8 +185,8 @@ class ActivationClip(Defense):
             for name, r in best.items():
                 model.get_submodule(name).bound.copy_(maxima[name] * r)
             with torch.no_grad():
-                agree = float((_logits(model, x).argmax(1) == ref_pred).float().mean())
-                agree_mixed = _agreement(model, sets[1:])[0] if len(sets) > 1 else None
+                final = _agreement(model, sets)
+                agree, agree_mixed = final[0], (final[1] if len(final) > 1 else None)
                 held = None
                 if holdout is not None and len(holdout):
                     held = _holdout_agreement(model, _inputs(holdout, device), [n for n, _ in chosen])

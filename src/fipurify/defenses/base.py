@@ -277,8 +277,16 @@ def check_clean_set(dataset: Dataset, minimum: int, model: nn.Module | None = No
                         f"(the paper uses 1% of the training set, e.g. 500 for CIFAR-10)")
     x, y = dataset[0]
     task.check_sample(x, y)
-    if model is None:
-        return
+    if model is not None:
+        check_model_runs(model, dataset, task, f"clean {what}", "clean set")
+
+
+def check_model_runs(model: nn.Module, dataset: Dataset, task: Task, items: str, set_name: str) -> None:
+    """Run ``model`` on the first item of ``dataset`` (eval mode, no gradients; its mode is
+    restored): DataError in one line if it cannot, and for classification if its class count
+    differs from the dataset's ``num_classes`` or the item's label is outside its range.
+    ``items`` and ``set_name`` name the data in the messages ("clean images", "clean set")."""
+    x, y = dataset[0]
     p = next(model.parameters(), None)
     device = p.device if p is not None else "cpu"
     was_training = model.training
@@ -287,7 +295,7 @@ def check_clean_set(dataset: Dataset, minimum: int, model: nn.Module | None = No
         with torch.no_grad():
             out = task.forward(model, x[None].to(device), torch.as_tensor(y)[None].to(device))
     except RuntimeError as e:
-        raise DataError(f"the model cannot process clean {what} of shape {tuple(x.shape)}: "
+        raise DataError(f"the model cannot process {items} of shape {tuple(x.shape)}: "
                         f"{str(e).splitlines()[0]}") from None
     finally:
         model.train(was_training)
@@ -296,9 +304,9 @@ def check_clean_set(dataset: Dataset, minimum: int, model: nn.Module | None = No
     n_model = out.shape[-1]
     n_data = getattr(dataset, "num_classes", None)
     if n_data is not None and n_data != n_model:
-        raise DataError(f"class count mismatch: the model predicts {n_model} classes but the clean set has {n_data}")
+        raise DataError(f"class count mismatch: the model predicts {n_model} classes but the {set_name} has {n_data}")
     if not 0 <= int(y) < n_model:
-        raise DataError(f"clean label {int(y)} is out of range for a model with {n_model} classes")
+        raise DataError(f"{set_name.split()[0]} label {int(y)} is out of range for a model with {n_model} classes")
 
 
 def _build(cls: type, **options: Any) -> Any:

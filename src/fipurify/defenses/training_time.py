@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
-from ..tasks import Classification, ImageClassification, Task, task_of
+from ..tasks import ImageClassification, Task, task_of
 from ..validation import check_optimisation
-from .base import Configured, DefenseConfig, EpochCallback, Options, as_dataset, labelled
+from .base import Configured, DefenseConfig, EpochCallback, Options, as_dataset, check_model_runs, labelled
 from .loop import make_optimizer
 
 
@@ -79,7 +79,8 @@ def sgd(params, cfg: DefenseConfig) -> torch.optim.SGD:
 
 def check_train_set(dataset: Dataset, model: nn.Module, task: Task | None = None) -> None:
     """Refuse an empty training set, items that are not of ``task`` (default ``task_of(dataset)``),
-    a model that cannot run on one, and (classification) a class-count mismatch with the model."""
+    a model that cannot run on one, and (classification) a class-count mismatch with the model or a
+    label outside its range (:func:`.base.check_model_runs`)."""
     if len(dataset) == 0:
         raise DataError("the training set is empty")
     task = task if task is not None else task_of(dataset)
@@ -88,23 +89,7 @@ def check_train_set(dataset: Dataset, model: nn.Module, task: Task | None = None
     if images and getattr(x, "ndim", 0) != 3:
         raise DataError(f"training images must be C x H x W tensors, got shape {tuple(getattr(x, 'shape', ()))}")
     task.check_sample(x, y)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = task.forward(model, x[None].to(device), torch.as_tensor(y)[None].to(device))
-    except RuntimeError as e:
-        raise DataError(f"the model cannot process {'images' if images else 'items'} of shape {tuple(x.shape)}: "
-                        f"{str(e).splitlines()[0]}") from None
-    finally:
-        model.train(was_training)
-    if not isinstance(task, Classification):
-        return
-    n_data = getattr(dataset, "num_classes", None)
-    if n_data is not None and n_data != out.shape[-1]:
-        raise DataError(f"class count mismatch: the model predicts {out.shape[-1]} classes "
-                        f"but the training set has {n_data}")
+    check_model_runs(model, dataset, task, "images" if images else "items", "training set")
 
 
 @torch.no_grad()
