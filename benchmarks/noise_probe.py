@@ -1,7 +1,7 @@
 """Does adversarial neuron noise point at a backdoor's target? A probe (issue 18).
 
     OMP_NUM_THREADS=1 python benchmarks/noise_probe.py MODEL [MODEL ...] [--eps 0.1 0.2 0.3 0.4]
-        [--steps 30] [--batch-size 128] [--clean-size 500] [--seed 0]
+        [--steps 30] [--batch-size 128] [--clean-size 500] [--seed 0] [--target-accuracy A]
 
 The observation behind BAN (Xu et al., "BAN: Detecting Backdoors Activated by Adversarial Neuron
 Noise", NeurIPS 2024; github.com/xiaoyunxxy/ban, read, not copied) and ANP: a small adversarial
@@ -14,6 +14,8 @@ The probe perturbs every affine BatchNorm channel as ANP does (``gamma * (1 + de
 ``beta * (1 + xi)``, ``|delta|, |xi| <= eps``; :class:`fipurify.defenses.anp.NeuronPerturbation`),
 from a seeded random start, by ``steps`` signed-gradient ascent steps of ``eps / steps`` on the
 cross-entropy of the clean images (batches of ``batch_size`` taken in turn), the model in eval mode.
+With ``--target-accuracy A`` the level is not given but set from the clean images: the smallest eps in
+``[0, 0.4]`` at which the perturbed model gets at most a share ``A`` of them right (:func:`calibrated_eps`).
 Then, over the clean images, each class's *received share*: the share of the images of the other
 classes that the perturbed model puts into it. The candidate is the class that receives the most,
 scored by the MAD anomaly index on the large side (``fipurify.detection.most_anomalous`` of the
@@ -75,6 +77,20 @@ def adversarial_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     return pert
 
 
+def calibrated_eps(measure, target: float, high: float = 0.4, halvings: int = 8) -> float:
+    """The smallest noise level in ``[0, high]`` (to ``high / 2 ** halvings``) at which
+    ``measure(eps)`` (the clean accuracy under noise of that level) is at most ``target``, by
+    bisection; ``high`` if even that level keeps the accuracy above ``target``."""
+    lo, hi = 0.0, float(high)
+    for _ in range(halvings):
+        mid = (lo + hi) / 2
+        if measure(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def main() -> None:
     from fipurify.datasets import draw_clean_subset
     from fipurify.detection import class_count_threshold, create, most_anomalous
@@ -89,6 +105,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--clean-size", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target-accuracy", type=float, default=None,
+                    help="instead of --eps: the smallest eps in [0, 0.4] at which the clean accuracy under noise "
+                         "is at most this (bisection, 8 halvings)")
     ap.add_argument("--data-root", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -100,8 +119,8 @@ def main() -> None:
         x, y = torch.cat([data.x_opt, data.x_hold]), torch.cat([data.y_opt, data.y_hold])
         attack = meta.get("attack") or {}
         k = data.num_classes
-        for eps in args.eps:
-            t0 = time.perf_counter()
+
+        def probe(eps):
             g = torch.Generator().manual_seed(args.seed)
             with _frozen(model):
                 pert = adversarial_noise(model, x, y, eps, args.steps, args.batch_size, g)
@@ -110,6 +129,16 @@ def main() -> None:
                     held, _ = received_shares(model, data.x_hold, data.y_hold, k)
                 finally:
                     pert.remove()
+            return shares, acc, held
+
+        levels = args.eps
+        if args.target_accuracy is not None:
+            t_cal = time.perf_counter()
+            levels = [calibrated_eps(lambda e: probe(e)[1], args.target_accuracy)]
+            calibration = time.perf_counter() - t_cal
+        for eps in levels:
+            t0 = time.perf_counter()
+            shares, acc, held = probe(eps)
             top, index = most_anomalous(-shares)
             threshold = class_count_threshold(2.0, k)
             print(json.dumps({"model": str(path).rsplit("/", 1)[-1], "attack": attack.get("name", "none"),
@@ -118,7 +147,9 @@ def main() -> None:
                               "candidate": top, "anomaly_index": round(index, 2), "threshold": round(threshold, 2),
                               "flagged": bool(index > threshold), "received": [round(s, 3) for s in shares],
                               "received_holdout": [round(s, 3) for s in held],
-                              "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+                              "target_accuracy": args.target_accuracy,
+                              "seconds": round(time.perf_counter() - t0 + (calibration if args.target_accuracy
+                                                                          is not None else 0.0), 1)}), flush=True)
 
 
 if __name__ == "__main__":

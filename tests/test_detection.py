@@ -511,3 +511,17 @@ def test_noise_probe_counts_received_shares_and_raises_the_loss_within_eps(tiny_
     pert.remove()
     with torch.no_grad():
         assert torch.allclose(model(xs), before)  # the hooks are gone: the model is as it was
+
+
+def test_noise_probe_calibrated_eps_finds_the_smallest_level_at_the_target_accuracy():
+    probe = _bench_module("noise_probe")
+    calls = []
+
+    def accuracy(eps):  # falls linearly from 0.9 at eps 0 to 0.1 at eps 0.4
+        calls.append(eps)
+        return 0.9 - 2.0 * eps
+
+    eps = probe.calibrated_eps(accuracy, 0.5)
+    assert eps == pytest.approx(0.2, abs=0.4 / 2 ** 8) and accuracy(eps) <= 0.5 and len(calls) == 9
+    assert probe.calibrated_eps(lambda e: 0.95, 0.5) == pytest.approx(0.4)  # never reached: the upper end
+    assert probe.calibrated_eps(lambda e: 0.0, 0.5) == pytest.approx(0.4 / 2 ** 8)  # reached at once
