@@ -80,13 +80,11 @@ def run_model(path: Path, methods: list[str], clean_size: int, seed: int, option
     import warnings
 
     from fipurify import detect, load_model
-    from fipurify.datasets import draw_clean_subset
     from fipurify.purification import defense_for
-    from fipurify.workflow import reload_data
+    from fipurify.workflow import reserve_sample
 
     model, meta = load_model(path)
-    reserve = reload_data(meta, data_root).reserve
-    clean = draw_clean_subset(reserve, min(clean_size, len(reserve)), seed)
+    clean = reserve_sample(meta, clean_size, seed, data_root)
     t = truth(meta)
     t["label"] = label(path.name, t["attack"], t["mode"])
     ft_seconds = None

@@ -155,11 +155,10 @@ def combined_sizes(size_lists: list[list[float]]) -> list[float]:
 
 
 def main() -> None:
-    from fipurify.datasets import draw_clean_subset
     from fipurify.detection import create, most_anomalous
     from fipurify.detection.base import _frozen
     from fipurify.io import load_model
-    from fipurify.workflow import reload_data
+    from fipurify.workflow import reserve_sample
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+")
@@ -181,8 +180,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for path in args.models:
         model, meta = load_model(path)
-        reserve = reload_data(meta, args.data_root).reserve
-        clean = draw_clean_subset(reserve, min(args.clean_size, len(reserve)), args.seed)
+        clean = reserve_sample(meta, args.clean_size, args.seed, args.data_root)
         data = create("neural-cleanse", seed=args.seed).split(model, clean)
         attack = meta.get("attack") or {}
         lists = []

@@ -92,11 +92,10 @@ def calibrated_eps(measure, target: float, high: float = 0.4, halvings: int = 8)
 
 
 def main() -> None:
-    from fipurify.datasets import draw_clean_subset
     from fipurify.detection import class_count_threshold, create, most_anomalous
     from fipurify.detection.base import _frozen
     from fipurify.io import load_model
-    from fipurify.workflow import reload_data
+    from fipurify.workflow import reserve_sample
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+")
@@ -113,8 +112,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for path in args.models:
         model, meta = load_model(path)
-        reserve = reload_data(meta, args.data_root).reserve
-        clean = draw_clean_subset(reserve, min(args.clean_size, len(reserve)), args.seed)
+        clean = reserve_sample(meta, args.clean_size, args.seed, args.data_root)
         data = create("neural-cleanse", seed=args.seed).split(model, clean)
         x, y = torch.cat([data.x_opt, data.x_hold]), torch.cat([data.y_opt, data.y_hold])
         attack = meta.get("attack") or {}

@@ -425,6 +425,20 @@ def test_draw_clean_subset():
             D.draw_clean_subset(ds, bad, seed=0)
 
 
+def test_reserve_sample_redraws_a_saved_models_reserve():
+    """The probes' clean images: the saved model's reserve rebuilt from its metadata, then a
+    class-balanced draw, capped at the reserve's size."""
+    from fipurify.workflow import load_data, reserve_sample
+
+    bundle = load_data("synthetic", None, 24, 0, None, n=120, num_classes=4, image_size=4)
+    meta = {"dataset": bundle.dataset_info, "clean_reserve": bundle.reserve_info}
+    drawn = reserve_sample(meta, 8, seed=3)
+    np.testing.assert_array_equal(drawn.images, D.draw_clean_subset(bundle.reserve, 8, seed=3).images)
+    assert np.bincount(drawn.labels, minlength=4).tolist() == [2, 2, 2, 2]
+    whole = reserve_sample(meta, 1000, seed=0)
+    assert len(whole) == len(bundle.reserve) == 24
+
+
 # --------------------------------------------------------------------------- roots and API
 def test_root_resolution_order(tmp_path, monkeypatch):
     explicit, env = tmp_path / "explicit", tmp_path / "env"

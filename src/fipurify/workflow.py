@@ -127,6 +127,13 @@ def reload_data(metadata: dict[str, Any], root: str | None = None) -> DataBundle
     return bundle
 
 
+def reserve_sample(metadata: dict[str, Any], size: int, seed: int = 0, root: str | None = None) -> Any:
+    """Up to ``size`` items of the clean reserve a saved model was trained beside, drawn class-balanced
+    with ``seed`` (:func:`fipurify.datasets.draw_clean_subset`); the whole reserve when it is smaller."""
+    reserve = reload_data(metadata, root).reserve
+    return datasets.draw_clean_subset(reserve, min(size, len(reserve)), seed)
+
+
 def model_inputs(info: dict[str, Any]) -> dict[str, Any]:
     """The :func:`fipurify.models.create` arguments that size a model for a dataset's items
     (``info`` as :func:`dataset_facts` records it): classes, channels and side of images and
