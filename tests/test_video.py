@@ -220,3 +220,29 @@ def test_end_to_end_poison_train_purify_score():
     assert not torch.equal(purified.classifier.weight, model.classifier.weight)
     result = evaluate(purified, test, bd)
     assert result["n_backdoor"] == 45 and 0 <= result["acc"] <= 1 and 0 <= result["asr"] <= 1
+
+
+def test_act_clip_bounds_the_frame_cnn_of_a_video_model():
+    """The default's clipping step on clips: one bound per channel of the per-frame CNN's ReLUs
+    ((N T, C, H, W) maps), learned on clean clips and their mixtures; the LSTM and the projection
+    (not feature maps) stay unbounded; the budget holds on the clean clips."""
+    import fipurify.defenses  # noqa: F401  (registers the methods)
+    from fipurify.defenses.base import DEFENSES
+    from fipurify.models.bounded import BoundedActivation
+    from fipurify.training import TrainConfig, train_model
+
+    train = motion_clips(tiny_base(), 100, seed=0)
+    torch.manual_seed(0)
+    model = models.create("cnn-lstm", num_classes=10, width=4, hidden=16)
+    train_model(model, train, TrainConfig(epochs=1, batch_size=32), progress=False, log=None)
+    defense = DEFENSES.create("act-clip", epochs=3, layers=1.0, agreement_on="clean+mixed")
+    clipped = defense.purify(model, train, progress=False)
+    report = defense.report
+    assert report["bounded"] == {"cnn.0.2": 4, "cnn.1.2": 8, "cnn.2.2": 16}
+    assert report["agreement"] >= 0.98 and report["mixed_agreement"] >= 0.98
+    bounded = {n for n, m in clipped.named_modules() if isinstance(m, BoundedActivation)}
+    assert bounded == set(report["bounded"])
+    assert all(clipped.get_submodule(n).bound.shape == (c,) and torch.isfinite(clipped.get_submodule(n).bound).all()
+               for n, c in report["bounded"].items())
+    x = torch.stack([train[i][0] for i in range(8)])
+    assert clipped(x).shape == (8, 10)

@@ -36,7 +36,8 @@ it changes a prediction there; the mixtures lie between the classes, where a mov
 The modules bounded are the first ``layers`` share of the model's activation modules in forward
 order (:func:`~fipurify.models.bounded.activations_in_order`; for PreActResNet18 at 0.5, every
 ReLU of its first two stages), as the authors' code clips the first stages of a ResNet. Only
-activations that are ``(N, C, H, W)`` feature maps count, and a module that several layers call
+activations that are ``(N, C, H, W)`` feature maps count (a video model's per-frame CNN makes
+``(N T, C, H, W)`` maps: one bound per channel serves every frame), and a module that several layers call
 (one ``nn.ReLU`` reused, as in torchvision's ResNet blocks) is left out: one bound per channel
 cannot serve two layers.
 
@@ -143,8 +144,9 @@ class ActivationClip(Defense):
                            "activations, as low as 98 % agreement on the clean images allows; no weight changes"}
     config_class = ActivationClipConfig
     config: ActivationClipConfig
-    tasks = ("image-classification",)
-    task_reason = "its bounds are per channel of convolutional feature maps (N, C, H, W), measured on images only"
+    tasks = ("image-classification", "video-classification")
+    task_reason = ("its bounds are per channel of convolutional feature maps (N, C, H, W), measured on images or "
+                   "on the frames of a video model's CNN")
 
     def check_model(self, model: nn.Module) -> None:
         if not any(isinstance(m, ACTIVATIONS) for m in model.modules()):
