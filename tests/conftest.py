@@ -1,5 +1,16 @@
-import pytest
-import torch
+import os
+
+# The tests train tiny models for a few steps and check what came out (a backdoor flagged, an ASR
+# lowered). Those outcomes move with floating-point details, and the CPU kernels differ with the
+# instruction set: on a machine with AVX-512 / AMX, MKL and oneDNN take other code paths than on an
+# AVX2 one, and eleven such tests flipped (2026-12-02). So the suite pins the kernels to AVX2 (the
+# level every x86-64 machine here has) before torch loads; set these variables to override.
+for _key, _value in {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
+                     "ATEN_CPU_CAPABILITY": "avx2"}.items():
+    os.environ.setdefault(_key, _value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(1)  # robust on a shared 2-core machine; tiny models gain nothing from more
 

@@ -123,7 +123,11 @@ def test_ffip_keeps_clean_accuracy_and_fits_the_clean_set(tiny_backdoor):
     before, after = tiny_backdoor["history"][-1], evaluate(purified, tiny_backdoor["test"])
     hist = d.report["history"]
     assert after["acc"] >= before["acc"] - 0.10
-    assert hist[-1]["ce"] < 0.9 * hist[0]["ce"]   # it trained: a defense that does nothing fails here
+    # it trained: the clean loss falls from epoch to epoch (a defense that leaves the weights alone
+    # would see it rise and fall with the batch order); a ratio to the first epoch was tried and is
+    # too fragile when the model already fits the reserve (CE ~0.04)
+    drops = sum(b["ce"] < a["ce"] for a, b in zip(hist, hist[1:]))
+    assert hist[-1]["ce"] < hist[0]["ce"] and drops >= 0.75 * (len(hist) - 1)
     changed = [n for n, w in purified.state_dict().items()
                if w.is_floating_point() and not torch.equal(w, tiny_backdoor["model"].state_dict()[n])]
     assert any(n.endswith("conv1.weight") for n in changed)
