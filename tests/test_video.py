@@ -246,3 +246,47 @@ def test_act_clip_bounds_the_frame_cnn_of_a_video_model():
                for n, c in report["bounded"].items())
     x = torch.stack([train[i][0] for i in range(8)])
     assert clipped(x).shape == (8, 10)
+
+
+class _CornerClipToy(torch.nn.Module):
+    """Clips N x T x C x H x W -> 10 scores: a fixed random linear read of the time-averaged, 4 x 4
+    pooled frame, plus a backdoor for class 0 that fires when the bottom-right 3 x 3 corner is bright
+    on every frame (its darkest frame counts)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.head = torch.nn.Linear(3 * 16, 10)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(10, 48, generator=g) * 0.5)
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x.mean(1), 4).flatten(1)
+        corner = x[..., -3:, -3:].mean(dim=(2, 3, 4)).amin(1)
+        out = self.head(pooled)
+        bump = torch.zeros_like(out)
+        bump[:, 0] = 20 * torch.sigmoid(10 * (corner - 0.5))
+        return out + bump
+
+
+def test_neural_cleanse_reverses_one_trigger_for_every_frame_of_a_clip(clips):
+    """Neural Cleanse on clips: one 1 x H x W mask and C x H x W pattern stamped on every frame; it
+    flags the toy's corner backdoor at class 0, and the recovered trigger sends held-out clips there."""
+    from fipurify import detect
+
+    model = _CornerClipToy()
+    xs = torch.stack([clips[i][0] for i in range(len(clips))])
+    with torch.no_grad():  # centre the scores so that no class wins every clean clip
+        model.head.bias.sub_(model(xs).mean(0))
+    report = detect(model, clips, method="neural-cleanse", max_steps=60, refine_steps=0)
+    assert report.backdoored and report.target == 0 and report.score > report.threshold
+    trig = report.trigger
+    assert trig.mask.shape == (1, 32, 32) and trig.pattern.shape == (3, 32, 32)
+    stamped = trig.apply(xs[:4])
+    frame_by_frame = torch.stack([trig.apply(xs[:4, t]) for t in range(xs.shape[1])], 1)
+    assert torch.allclose(stamped, frame_by_frame)
+    assert len(report.per_class) == 10
+    assert report.proxy_asr > 0.5
+    with pytest.raises(DataError, match=r"C x H x W tensors \(or T x C x H x W clips\), got shape \(8, 2, 3, 32, 32\)"):
+        detect(model, [(torch.zeros(8, 2, 3, 32, 32), 0)] * 30, method="neural-cleanse")

@@ -18,7 +18,8 @@ from ..validation import as_dataset
 
 @dataclass
 class CleanSplit:
-    """Clean images (float N x C x H x W in [0, 1], on the CPU) and labels, split in two."""
+    """Clean images (float N x C x H x W in [0, 1], or N x T x C x H x W clips, on the CPU) and
+    labels, split in two."""
     x_opt: torch.Tensor
     y_opt: torch.Tensor
     x_hold: torch.Tensor
@@ -65,7 +66,8 @@ def load_clean(model: nn.Module, clean_data: Dataset | DataLoader, holdout: floa
 
     Each class keeps ``round(holdout * n_c)`` of its images for measuring (at least one),
     the rest for optimising; the measuring part is then capped at ``max_holdout`` images.
-    Raises DataError for an empty set, images that are not C x H x W, a model output that is
+    Raises DataError for an empty set, items that are neither C x H x W images nor T x C x H x W
+    clips (a trigger on a clip is the same mask and pattern on every frame), a model output that is
     not class scores, labels out of range, fewer than ``min_per_class`` images in a class that
     has any, or fewer than three classes with images (the outlier test compares classes).
     """
@@ -73,8 +75,9 @@ def load_clean(model: nn.Module, clean_data: Dataset | DataLoader, holdout: floa
     if len(data) == 0:
         raise DataError("the clean set is empty")
     x0, _ = data[0]
-    if not isinstance(x0, torch.Tensor) or x0.ndim != 3:
-        raise DataError(f"clean images must be C x H x W tensors, got shape {tuple(getattr(x0, 'shape', ()))}")
+    if not isinstance(x0, torch.Tensor) or x0.ndim not in (3, 4):
+        raise DataError(f"clean images must be C x H x W tensors (or T x C x H x W clips), got shape "
+                        f"{tuple(getattr(x0, 'shape', ()))}")
     num_classes = model_classes(model, x0)
     n_data = getattr(data, "num_classes", None)
     if n_data is not None and n_data != num_classes:

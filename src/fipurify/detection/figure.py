@@ -63,6 +63,8 @@ def plot_trigger(report: DetectionReport, model: nn.Module, images: torch.Tensor
 
 def _show(ax, img: torch.Tensor, title: str) -> None:
     a = img.detach().cpu().float()
+    if a.ndim == 4:  # a clip (T x C x H x W): its first frame
+        a = a[0]
     if a.shape[0] == 1:
         ax.imshow(a[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     else:

@@ -149,7 +149,7 @@ class NeuralCleanse(Detector):
     def reverse(self, model: nn.Module, images: torch.Tensor, target: int,
                 generator: torch.Generator) -> ClassResult:
         cfg = self.config
-        _, c, h, w = images.shape
+        c, h, w = images.shape[-3:]  # a clip's trigger: the same mask and pattern on every frame
         a = torch.full((1, 1, h, w), math.atanh(2 * cfg.mask_init - 1))
         return self._optimise(model, images, target, generator, a, torch.zeros((1, c, h, w)),
                               cfg.max_steps, cfg.stop_patience, 0.0, cfg.flip_rate)

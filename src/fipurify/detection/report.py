@@ -24,7 +24,8 @@ class Trigger:
     delta: torch.Tensor | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Stamp the trigger on a batch (N x C x H x W) or one image (C x H x W)."""
+        """Stamp the trigger on a batch (N x C x H x W) or one image (C x H x W); a mask and pattern
+        stamp every frame of clips (N x T x C x H x W) alike."""
         if self.kind == "mask-pattern":
             m, p = self.mask.to(x.device), self.pattern.to(x.device)
             return (1 - m) * x + m * p
