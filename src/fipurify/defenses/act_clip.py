@@ -141,7 +141,9 @@ class ActivationClip(Defense):
 
     name = "act-clip"
     summary = {"act-clip": "activation clipping (MM-BD's mitigation, scale-free): per-channel bounds on the early "
-                           "activations, as low as 98 % agreement on the clean images allows; no weight changes"}
+                           "activations, as low as 98 % agreement on the clean images allows; no weight changes",
+               "act-clip-all": "`act-clip` on every activation (`layers` 1.0): the default's clipping step, "
+                               "and the default on video"}
     config_class = ActivationClipConfig
     config: ActivationClipConfig
     tasks = ("image-classification", "video-classification")
@@ -295,3 +297,4 @@ def format_bounds(report: dict[str, Any]) -> str | None:
 
 
 DEFENSES.register("act-clip", ActivationClip)
+DEFENSES.register("act-clip-all", ActivationClip, layers=1.0)

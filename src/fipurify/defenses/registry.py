@@ -30,10 +30,17 @@ discover(__package__)  # every defense module registers itself on import
 METHODS: dict[str, tuple[type[Defense], dict[str, Any]]] = DEFENSES.table
 
 
-#: The method used when none is named, per task: the best one measured for that task
-#: (image classification: ``docs/default-purifier-devlog.md``). Tasks not listed use
-#: :data:`FALLBACK_METHOD`, the paper's f-FIP, which has not been shown to remove a backdoor there.
-DEFAULT_METHODS: dict[str, str] = {"image-classification": "detect-unlearn-clip-all"}
+#: The method used when none is named, per task. Image classification: the default chosen by the
+#: clean-data rules (``docs/default-purifier-devlog.md``). Video: the steps of that default that run on
+#: clips, its activation clipping with the image settings (its detector finds no trigger on the video
+#: stand-in, docs/tasks.md). Tasks not listed use :data:`FALLBACK_METHOD`, the paper's f-FIP, which has
+#: not been shown to remove a backdoor there.
+DEFAULT_METHODS: dict[str, str] = {"image-classification": "detect-unlearn-clip-all",
+                                   "video-classification": "act-clip-all"}
+#: Defaults measured on too little to be trusted yet: each warns with its caveat.
+PROVISIONAL_DEFAULTS: dict[str, str] = {
+    "video-classification": "the default on video ('act-clip-all') is measured on one model only, the CIFAR-10 "
+                            "motion stand-in (ASR 100 -> 0.7 %, ACC -2.1 points; docs/tasks.md); check the result"}
 FALLBACK_METHOD = "ffip"
 
 
@@ -41,6 +48,8 @@ def default_method(task: Any = None) -> str:
     """The method :func:`fipurify.purify` and ``fipurify purify`` use when none is named, for
     ``task`` (a :class:`~fipurify.tasks.Task`, its name, or None for image classification)."""
     name = str(getattr(task, "name", task) or "image-classification")
+    if name in PROVISIONAL_DEFAULTS:
+        warnings.warn(PROVISIONAL_DEFAULTS[name], stacklevel=3)
     if name not in DEFAULT_METHODS:
         warnings.warn(f"no purifier has been shown to remove a backdoor on {name} yet: the default there is "
                       f"'{FALLBACK_METHOD}' (the paper's f-FIP), which did not remove them on images; check the "
