@@ -354,3 +354,29 @@ def test_poison_train_purify_evaluate():
     assert ft.task.name == "pointcloud-classification"  # found from the clean set
     after = evaluate(purified, test, bd_test)
     assert after["acc"] > 0.5 and 0.0 <= after["asr"] <= 1.0
+
+
+def test_act_clip_bounds_the_per_point_features_of_pointnet():
+    """The default's clipping step on a point-cloud model: one bound per channel of the per-point
+    MLP's ReLUs ((N, C, P) maps, every point sharing it); the head's (N, C) ReLUs are not feature maps
+    and stay unbounded; the budget holds on the clean clouds."""
+    import fipurify.defenses  # noqa: F401  (registers the methods)
+    from fipurify.defenses.base import DEFENSES
+    from fipurify.models.bounded import BoundedActivation
+    from fipurify.training import TrainConfig, train_model
+
+    train = toy_clouds(120, seed=0)
+    torch.manual_seed(0)
+    model = models.create("pointnet", num_classes=4, width=4)
+    train_model(model, train, TrainConfig(epochs=2, lr=0.05, batch_size=32, seed=0), progress=False, log=None,
+                task=task_of(train))
+    defense = DEFENSES.create("act-clip-all", epochs=3)
+    clipped = defense.purify(model, train, progress=False)
+    report = defense.report
+    assert defense.task.name == "pointcloud-classification"
+    assert report["bounded"] == {f"point_mlp.{3 * i + 2}": c for i, c in enumerate((4, 4, 4, 8, 64))}
+    assert report["agreement"] >= 0.98
+    bounded = {n for n, m in clipped.named_modules() if isinstance(m, BoundedActivation)}
+    assert bounded == set(report["bounded"])
+    x = torch.stack([train[i][0] for i in range(8)])
+    assert clipped(x).shape == (8, 4)

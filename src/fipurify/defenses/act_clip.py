@@ -37,7 +37,9 @@ The modules bounded are the first ``layers`` share of the model's activation mod
 order (:func:`~fipurify.models.bounded.activations_in_order`; for PreActResNet18 at 0.5, every
 ReLU of its first two stages), as the authors' code clips the first stages of a ResNet. Only
 activations that are ``(N, C, H, W)`` feature maps count (a video model's per-frame CNN makes
-``(N T, C, H, W)`` maps: one bound per channel serves every frame), and a module that several layers call
+``(N T, C, H, W)`` maps: one bound per channel serves every frame; on a point-cloud model the
+``(N, C, P)`` per-point features count instead, one bound per channel serving every point), and a
+module that several layers call
 (one ``nn.ReLU`` reused, as in torchvision's ResNet blocks) is left out: one bound per channel
 cannot serve two layers.
 
@@ -146,15 +148,21 @@ class ActivationClip(Defense):
                                "and the default on video"}
     config_class = ActivationClipConfig
     config: ActivationClipConfig
-    tasks = ("image-classification", "video-classification")
-    task_reason = ("its bounds are per channel of convolutional feature maps (N, C, H, W), measured on images or "
-                   "on the frames of a video model's CNN")
+    tasks = ("image-classification", "video-classification", "pointcloud-classification")
+    task_reason = ("its bounds are per channel of convolutional feature maps: (N, C, H, W) on images and on the "
+                   "frames of a video model's CNN, (N, C, P) per-point features of a point-cloud model")
 
     def check_model(self, model: nn.Module) -> None:
         if not any(isinstance(m, ACTIVATIONS) for m in model.modules()):
             raise ConfigError(f"{self.method_name()} bounds activation modules, and this "
                               f"{type(model).__name__} has none (it may call torch.nn.functional.relu instead "
                               "of an nn.ReLU module)")
+
+    def _map_ndim(self) -> int:
+        """The dimensions of the feature maps bounded: 3 for a point-cloud model's per-point features
+        ``(N, C, P)`` (a 1 x 1 Conv1d's output; the task says which layout, since a transformer's
+        ``(N, L, D)`` activations are channel-last), 4 for ``(N, C, H, W)`` maps otherwise."""
+        return 3 if getattr(self.task, "name", None) == "pointcloud-classification" else 4
 
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
                 progress: bool, callback: EpochCallback | None) -> Step:
@@ -168,7 +176,7 @@ class ActivationClip(Defense):
             p.requires_grad_(False)
         try:
             x = _inputs(train_set, device)
-            order = activations_in_order(model, x[:2], ndim=4, skip_shared=True)
+            order = activations_in_order(model, x[:2], ndim=self._map_ndim(), skip_shared=True)
             if not order:
                 raise ConfigError(f"{self.method_name()} bounds the channels of convolutional feature maps "
                                   "(N, C, H, W), and no activation module of this model outputs one that it "
