@@ -176,10 +176,12 @@ class ActivationClip(Defense):
             p.requires_grad_(False)
         try:
             x = _inputs(train_set, device)
-            order = activations_in_order(model, x[:2], ndim=self._map_ndim(), skip_shared=True)
+            ndim = self._map_ndim()
+            order = activations_in_order(model, x[:2], ndim=ndim, skip_shared=True)
             if not order:
+                layout = "(N, C, P)" if ndim == 3 else "(N, C, H, W)"
                 raise ConfigError(f"{self.method_name()} bounds the channels of convolutional feature maps "
-                                  "(N, C, H, W), and no activation module of this model outputs one that it "
+                                  f"{layout}, and no activation module of this model outputs one that it "
                                   "alone computes (e.g. a transformer's or an MLP's activations, or one ReLU "
                                   "module called by several layers)")
             chosen = order[: max(1, int(len(order) * cfg.layers))]
