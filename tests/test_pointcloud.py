@@ -380,3 +380,26 @@ def test_act_clip_bounds_the_per_point_features_of_pointnet():
     assert bounded == set(report["bounded"])
     x = torch.stack([train[i][0] for i in range(8)])
     assert clipped(x).shape == (8, 4)
+
+
+def test_act_clip_takes_the_layout_from_the_task():
+    """act-clip asks the task for the rank of its feature maps (not its name): a point-cloud task that
+    claimed image-like (N, C, H, W) maps finds none to bound in PointNet, and one that names no
+    channel-first layout is refused in one line before any compute."""
+    import fipurify.defenses  # noqa: F401  (registers the methods)
+    from fipurify.defenses.base import DEFENSES
+    from fipurify.errors import ConfigError
+    from fipurify.tasks.pointcloud import PointCloudClassification
+
+    class ImageLayout(PointCloudClassification):
+        feature_map_ndim = 4
+
+    class NoLayout(PointCloudClassification):
+        feature_map_ndim = None
+
+    train = toy_clouds(40, seed=0)
+    model = models.create("pointnet", num_classes=4, width=4)
+    with pytest.raises(ConfigError, match=r"\(N, C, H, W\)"):
+        DEFENSES.create("act-clip-all", epochs=1).purify(model, train, task=ImageLayout(), progress=False)
+    with pytest.raises(ConfigError, match="names no such layout"):
+        DEFENSES.create("act-clip-all", epochs=1).purify(model, train, task=NoLayout(), progress=False)

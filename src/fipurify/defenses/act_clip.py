@@ -159,10 +159,14 @@ class ActivationClip(Defense):
                               "of an nn.ReLU module)")
 
     def _map_ndim(self) -> int:
-        """The dimensions of the feature maps bounded: 3 for a point-cloud model's per-point features
-        ``(N, C, P)`` (a 1 x 1 Conv1d's output; the task says which layout, since a transformer's
-        ``(N, L, D)`` activations are channel-last), 4 for ``(N, C, H, W)`` maps otherwise."""
-        return 3 if getattr(self.task, "name", None) == "pointcloud-classification" else 4
+        """The rank of the feature maps bounded, as the task gives it (:attr:`.Task.feature_map_ndim`):
+        4 for ``(N, C, H, W)``, 3 for a point-cloud model's per-point ``(N, C, P)``. A task whose
+        activations are not channel-first maps is refused in one line."""
+        ndim = getattr(self.task, "feature_map_ndim", None)
+        if ndim is None:
+            raise ConfigError(f"{self.method_name()} bounds the channels of channel-first feature maps, and "
+                              f"the {self.task.name} task names no such layout for its models")
+        return int(ndim)
 
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
                 progress: bool, callback: EpochCallback | None) -> Step:
@@ -179,7 +183,7 @@ class ActivationClip(Defense):
             ndim = self._map_ndim()
             order = activations_in_order(model, x[:2], ndim=ndim, skip_shared=True)
             if not order:
-                layout = "(N, C, P)" if ndim == 3 else "(N, C, H, W)"
+                layout = {3: "(N, C, P)", 4: "(N, C, H, W)"}.get(ndim, f"rank-{ndim}")
                 raise ConfigError(f"{self.method_name()} bounds the channels of convolutional feature maps "
                                   f"{layout}, and no activation module of this model outputs one that it "
                                   "alone computes (e.g. a transformer's or an MLP's activations, or one ReLU "

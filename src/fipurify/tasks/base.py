@@ -43,6 +43,12 @@ class Task(ABC):
     #: how a batch is assembled from items (``DataLoader(collate_fn=...)``); None = torch's default
     #: stacking, a function for items of different lengths (e.g. sentences, padded)
     collate_fn: Any = None
+    #: the rank of the per-channel feature maps of this task's models, channel at dimension 1:
+    #: 4 for ``(N, C, H, W)`` (images, a video model's per-frame CNN), 3 for ``(N, C, P)`` (a
+    #: point-cloud model's per-point features); None where the models' activations are not
+    #: channel-first maps (a transformer's ``(N, L, D)``). Defenses that act per channel
+    #: (activation clipping) ask this instead of the task's name.
+    feature_map_ndim: int | None = None
 
     @abstractmethod
     def check_sample(self, x: Any, y: Any) -> None:

@@ -55,6 +55,7 @@ class ImageClassification(Classification):
     """Classification of C x H x W images; crop (+ flip) augmentation."""
 
     name = "image-classification"
+    feature_map_ndim = 4
 
     def check_sample(self, x: Any, y: Any) -> None:
         if getattr(x, "ndim", 0) != 3:  # first, with the message the clean-set check always had

@@ -47,6 +47,7 @@ class PointCloudClassification(Classification):
     """Classification of ``N x 3`` point clouds; rotation about the up axis, scaling and jitter."""
 
     name = "pointcloud-classification"
+    feature_map_ndim = 3  # PointNet's shared MLP: 1 x 1 Conv1d outputs (N, C, P)
 
     def check_sample(self, x: Any, y: Any) -> None:
         super().check_sample(x, y)

@@ -27,6 +27,7 @@ class VideoClassification(Classification):
     """Classification of T x C x H x W clips; one crop per clip, never a flip."""
 
     name = "video-classification"
+    feature_map_ndim = 4  # the per-frame CNN's (N * T, C, H, W) maps
 
     def check_sample(self, x: Any, y: Any) -> None:
         super().check_sample(x, y)
