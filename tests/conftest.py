@@ -9,7 +9,31 @@ for _key, _value in {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX
                      "ATEN_CPU_CAPABILITY": "avx2"}.items():
     os.environ.setdefault(_key, _value)
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def _private_cache() -> Path:
+    """A cache folder of the suite's own (``FIPURIFY_CACHE``), removed at exit, so that no test writes
+    into the user's cache (e.g. the decoded arrays of a test's image folder, one file per run). The
+    user's decoded shared datasets (CIFAR-10, GTSRB, their unpacked archives, Multi30k's tokenizer) are
+    linked in, so the real-data tests still find them there instead of decoding them again."""
+    env = os.environ.get("FIPURIFY_CACHE")
+    real = Path(env).expanduser() if env else Path.home() / ".cache" / "fipurify"
+    private = Path(tempfile.mkdtemp(prefix="fipurify-test-cache-"))
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    if real.is_dir():
+        for entry in real.iterdir():
+            if entry.name.startswith(("cifar10-", "gtsrb-")) or entry.name in ("extracted", "text"):
+                (private / entry.name).symlink_to(entry)
+    return private
+
+
+os.environ["FIPURIFY_CACHE"] = str(_private_cache())
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # robust on a shared 2-core machine; tiny models gain nothing from more
