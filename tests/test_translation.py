@@ -433,3 +433,28 @@ def test_loss_is_twice_differentiable(pairs):
     penalty = sum(g.pow(2).sum() for g in grads)
     penalty.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+
+
+def test_mcr_curve_runs_a_translation_model(pairs):
+    """MCR's Bezier curve feeds the model whatever the task does (source and shifted target): its ends
+    are exactly the two models on a translation batch, and a purification returns the point at t."""
+    import fipurify.defenses  # noqa: F401  (registers the methods)
+    from fipurify.defenses.base import DEFENSES
+    from fipurify.defenses.mcr import BezierCurve
+
+    attack = attacks.create("trigger-words", poison_rate=0.1, seed=0)
+    start = _tiny_model(pairs.tokenizer.vocab_size, dropout=0.0)
+    _train(start, attack.poison(pairs.subset(range(160))), steps=5, lr=5e-3, batch_size=16)
+    end = _tiny_model(pairs.tokenizer.vocab_size, dropout=0.0)
+    task = Translation()
+    x, y = pairs.collate_fn([pairs[i] for i in range(4)])
+    curve = BezierCurve(start, end).eval()
+    for t, ref in ((0.0, start), (1.0, end)):
+        curve.t = t
+        torch.testing.assert_close(task.forward(curve, x, y), task.forward(ref.eval(), x, y))
+
+    defense = DEFENSES.create("mcr", epochs=1, ft_epochs=1, batch_size=16, holdout=0.1, t=0.4)
+    purified = defense.purify(start, pairs.subset(range(160, 200)), task="translation", progress=False)
+    assert defense.report["t"] == 0.4 and len(defense.report["curve_scan"]) == 11
+    assert "holdout_BLEU" in defense.report["curve_scan"][0]
+    assert task.forward(purified, x, y).shape == task.forward(start, x, y).shape

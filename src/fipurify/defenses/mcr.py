@@ -85,9 +85,11 @@ class BezierCurve(nn.Module):
         a, b, c = (1 - t) ** 2, 2 * t * (1 - t), t ** 2
         return {n: a * s + b * m + c * e for n, s, m, e in zip(self.names, self.start, self.mid, self.end)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """The model at a random t (training) or ``self.t`` (eval) on whatever the task feeds it
+        (``x``; a translation model's source and shifted target)."""
         t = float(torch.rand((), generator=self.generator)) if self.training else self.t
-        return functional_call(self.arch, self.weights(t), (x,))
+        return functional_call(self.arch, self.weights(t), args, kwargs)
 
     @torch.no_grad()
     def point(self, t: float) -> nn.Module:
@@ -108,8 +110,6 @@ class MCR(BaselineDefense):
 
     name = "mcr"
     config_class = MCRConfig
-    tasks = ("classification", "multilabel-classification")
-    task_reason = "its Bezier-curve model takes one input tensor (a translation model is also fed the target)"
 
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
                 progress: bool, callback: EpochCallback | None) -> Step:
