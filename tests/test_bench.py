@@ -750,3 +750,52 @@ def test_a_killed_model_training_resumes_where_it_stopped(tmp_path, monkeypatch)
     assert meta["bench"]["train_seconds"] >= sum(meta["bench"]["epoch_seconds"])
     a, b = load_model(straight)[0].state_dict(), load_model(resumed)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_report_carries_rows_of_an_earlier_report_for_runs_not_in_the_store(fixture_db, tmp_path, capsys):
+    """A store lost with its machine: the committed JSON report fills the rows none of whose runs is in
+    the new store, marked as carried; rows with runs (finished or failed) come from the store."""
+    from fipurify.bench.report import load_carry
+    from fipurify.cli import main
+
+    spec, store = fixture_db
+    earlier = json.loads(to_json(build_table(spec, store)))
+    (tmp_path / "old.json").write_text(json.dumps(earlier))
+    fresh = ResultStore(tmp_path / "new.sqlite")
+    fresh.save_spec(spec.name, spec.raw)
+    for row in store.rows([r.key for r in spec.runs()]):  # the new machine reran only blend / ft
+        if (row["attack"], row["defense"]) == ("blend", "ft"):
+            fresh.record({**row, "acc": 0.70})
+    t = build_table(spec, fresh, load_carry(tmp_path / "old.json", spec))
+    rows = {(r.dims["attack"], r.dims["defense"]): r for r in t.rows}
+    assert rows[("blend", "ft")].cells["acc"].mean == pytest.approx(0.70) and rows[("blend", "ft")].carried_from is None
+    ffip = rows[("badnets", "ffip")]
+    assert ffip.carried_from == earlier["generated_at"] and ffip.n_ok == 2
+    assert ffip.cells["acc"].mean == pytest.approx(0.86) and ffip.cells["acc"].std == pytest.approx(0.014142, abs=1e-5)
+    assert "asr" in ffip.best  # carried rows compete for best like the others
+    assert rows[("blend", "ffip")].carried_from is None  # it had no finished run before either
+    assert t.n_ok == 2 and t.n_carried == 8 and not any(m.startswith("badnets/") for m in t.missing)
+    md = to_markdown(t)
+    assert "| badnets | ffip | **86.00 ± 1.41** |" in md and "| 2† |" in md and "| blend | ft | 70.00 ± 0.00 |" in md
+    assert f"generated {earlier['generated_at']}" in md and "8 carried from an earlier report" in md
+    doc = json.loads(to_json(t))
+    assert next(r for r in doc["rows"] if r["defense"] == "ffip" and r["attack"] == "badnets")["carried_from"] \
+        == earlier["generated_at"]
+    # carried again: the original date stays
+    again = build_table(spec, fresh, load_carry_doc := json.loads(to_json(t)))
+    assert {r.carried_from for r in again.rows if r.carried_from} == {earlier["generated_at"]}
+    assert load_carry_doc["n_carried"] == 8
+    fresh.close()
+
+    # the CLI: --carry; a report of another spec or a file that is not one is refused in one line
+    out = tmp_path / "rep"
+    assert main(["report", str(tmp_path / "new.sqlite"), "--carry", str(tmp_path / "old.json"), "--out", str(out),
+                 "--no-figures", "--format", "md", "--quiet"]) == 0
+    assert "2†" in (out / "tiny.md").read_text()
+    (tmp_path / "other.json").write_text(json.dumps({**earlier, "spec": "other"}))
+    (tmp_path / "bad.json").write_text("{not json")
+    for bad, msg in (("other.json", "reports spec 'other'"), ("bad.json", "not a readable JSON report")):
+        capsys.readouterr()
+        assert main(["report", str(tmp_path / "new.sqlite"), "--carry", str(tmp_path / bad), "--out", str(out),
+                     "--format", "md", "--quiet"]) == 2
+        assert msg in capsys.readouterr().err

@@ -67,6 +67,9 @@ def register(subparsers) -> None:
     r.add_argument("--db", type=Path, default=None, help=f"results database (default {DEFAULT_DB})")
     r.add_argument("--merge", nargs="+", type=Path, default=[], metavar="DB",
                    help="first merge these databases (e.g. from other machines) into --db (default: none)")
+    r.add_argument("--carry", nargs="+", type=Path, default=[], metavar="JSON",
+                   help="earlier JSON reports (e.g. docs/benchmarks/SPEC.json) whose rows fill the cells this "
+                        "database has no run for, marked as carried (default: none)")
     r.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     r.add_argument("--figures", type=Path, default=None,
                    help="figure folder: the runtime chart is written there and every PNG in it is embedded in the HTML "
@@ -128,10 +131,25 @@ def _is_sqlite(path: Path) -> bool:
         return False
 
 
+def _report_spec(path: Path) -> str:
+    """The spec name of a JSON report (ConfigError, one line, for a file that is not one)."""
+    import json
+
+    from ..errors import ConfigError
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--carry {path}: not a readable JSON report ({type(e).__name__}: {e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), str):
+        raise ConfigError(f"--carry {path}: not a JSON report written by `fipurify report`")
+    return doc["spec"]
+
+
 def cmd_report(args) -> int:
     from ..errors import ConfigError
     from .render import FORMATS, write_report
-    from .report import build_table
+    from .report import build_table, load_carry
     from .spec import load_spec, parse_spec
     from .store import ResultStore
 
@@ -145,6 +163,11 @@ def cmd_report(args) -> int:
         raise ConfigError("give the database either as SOURCE or as --db, not two different ones")
     db = source if from_db else (args.db or DEFAULT_DB)
     spec = None if from_db else load_spec(args.source)  # a bad spec fails before anything is written
+    carry_files = list(args.carry)
+    for path in carry_files:  # each readable, and of the spec asked for, before the store is touched
+        name = _report_spec(path)
+        if spec is not None and name != spec.name:
+            raise ConfigError(f"--carry {path}: it reports spec {name!r}, not {spec.name!r}")
     if not args.merge and not Path(db).is_file():
         raise ConfigError(f"no results database at {db}; run `fipurify bench` first or pass --db")
     with ResultStore(db) as store:
@@ -157,8 +180,15 @@ def cmd_report(args) -> int:
             specs = [parse_spec(d) for d in store.specs().values()]
             if not specs:
                 raise ConfigError(f"{db} holds no spec; render it with `fipurify report SPEC --db {db}`")
+        carries = {}
+        for path in carry_files:
+            name = next((s.name for s in specs if _report_spec(path) == s.name), None)
+            if name is None:
+                raise ConfigError(f"--carry {path}: it reports spec {_report_spec(path)!r}, which is not rendered here "
+                                  f"({', '.join(s.name for s in specs)})")
+            carries[name] = load_carry(path, next(s for s in specs if s.name == name))
         for spec in specs:
-            table = build_table(spec, store)
+            table = build_table(spec, store, carries.get(spec.name))
             paths = write_report(table, args.out, args.figures, extra_figures=args.figures is not None,
                                  formats=formats, make_figures=not args.no_figures)
             if args.readme is not None:

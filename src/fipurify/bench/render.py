@@ -76,9 +76,14 @@ def _rows_text(t: Table) -> tuple[list[str], list[list[tuple[str, bool]]]]:
         for c in cols:
             row = per_group[groups.index(c[0])] if pivot else per_group[0]
             cells.append(_cell(t, row, c[1], c[2]))
-        cells.append((_n_text([r for r in per_group if r is not None]), False))
+        present = [r for r in per_group if r is not None]
+        cells.append((_n_text(present) + (CARRIED_MARK if any(r.carried_from for r in present) else ""), False))
         lines.append(cells)
     return header, lines
+
+
+#: marks the ``n`` of a row whose figures were carried from an earlier report
+CARRIED_MARK = "†"
 
 
 def _n_text(rows: list[TableRow]) -> str:
@@ -117,8 +122,15 @@ def units_note(columns: list[str]) -> str:
 def _notes(t: Table) -> list[str]:
     spec = t.spec
     notes = [f"Spec `{spec.name}`: {t.n_ok} of {t.n_runs} runs finished"
+             + (f", {t.n_carried} carried from an earlier report" if t.n_carried else "")
              + (f", {len(t.failed)} failed" if t.failed else "") + (f", {len(t.missing)} not run yet" if t.missing else "")
              + f". Generated {utc_now()}."]
+    if t.n_carried:
+        when = ", ".join(t.carried.get("generated_at", []))
+        code = ", ".join(t.carried.get("code_hash", []))
+        notes.append(f"{CARRIED_MARK} Carried, not rerun: {t.n_carried} run(s) whose results store was lost with its "
+                     f"machine; their figures are those of the report generated {when}"
+                     + (f" (code {code})" if code else "") + ", and the compute below does not count them.")
     notes.append("Mean ± sample standard deviation over seeds (n = finished seeds)" + units_note(t.columns)
                  + ". Bold: best defense in the column within its group (no defense excluded).")
     c = t.compute
@@ -224,7 +236,8 @@ def to_html(t: Table, figures: dict[str, bytes] | None = None) -> str:
 def _flat_rows(t: Table) -> list[dict[str, Any]]:
     out = []
     for r in t.rows:
-        d: dict[str, Any] = {"spec": t.spec.name, **r.dims, "n": r.n_ok, "n_expected": r.n_expected}
+        d: dict[str, Any] = {"spec": t.spec.name, **r.dims, "n": r.n_ok, "n_expected": r.n_expected,
+                             "carried_from": r.carried_from}
         for m in METRICS:
             c = r.cells[m]
             d[f"{m}_mean"], d[f"{m}_std"] = c.mean, c.std
@@ -241,7 +254,7 @@ def to_csv(t: Table) -> str:
     """
     rows = _flat_rows(t)
     buf = io.StringIO()
-    fields = ["spec", *t.dims, "n", "n_expected"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "best", "paper")]
+    fields = ["spec", *t.dims, "n", "n_expected", "carried_from"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "best", "paper")]
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
@@ -254,7 +267,7 @@ def to_json(t: Table) -> str:
     doc = {"spec": t.spec.name, "title": t.spec.title, "generated_at": utc_now(), "dims": t.dims,
            "columns": t.columns, "rates_are_fractions": True, "paper_source": t.spec.paper_table.get("source"),
            "n_runs": t.n_runs, "n_ok": t.n_ok, "environment": t.environment, "rows": _flat_rows(t),
-           "failed": t.failed, "missing": t.missing}
+           "failed": t.failed, "missing": t.missing, "n_carried": t.n_carried, "carried": t.carried}
     return json.dumps(doc, indent=2) + "\n"
 
 

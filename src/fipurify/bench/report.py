@@ -7,9 +7,13 @@ spec has them. :mod:`fipurify.bench.render` writes them as Markdown, HTML, CSV a
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from ..errors import ConfigError
 
 from .spec import METRICS, Spec
 from .store import ResultStore
@@ -71,6 +75,8 @@ class TableRow:
     n_expected: int
     best: set[str] = field(default_factory=set)
     paper: dict[str, float] = field(default_factory=dict)
+    #: when the row's figures come from an earlier report (``carry``), that report's generation time
+    carried_from: str | None = None
 
 
 @dataclass
@@ -86,6 +92,9 @@ class Table:
     n_runs: int
     n_ok: int
     compute: dict[str, Any] = field(default_factory=dict)  # seconds and counts behind the finished runs
+    #: runs not in the store whose row was carried from an earlier report, and that report's facts
+    n_carried: int = 0
+    carried: dict[str, Any] = field(default_factory=dict)
 
     def paper_columns(self) -> list[str]:
         """Metrics among the columns for which the spec has at least one paper number."""
@@ -141,8 +150,35 @@ def _mark_best(rows: list[TableRow], dims: list[str], columns: list[str]) -> Non
                     r.best.add(col)
 
 
-def build_table(spec: Spec, store: ResultStore) -> Table:
-    """Aggregate the stored results of ``spec``'s grid (looked up by run key) into a table."""
+def load_carry(path: str | Path, spec: Spec) -> dict[str, Any]:
+    """An earlier JSON report of ``spec`` (written by :func:`~fipurify.bench.render.to_json`) whose rows
+    may fill the cells this store has no run for; ConfigError (one line) for anything else."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--carry {path}: not a readable JSON report ({type(e).__name__}: {e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list) or "generated_at" not in doc:
+        raise ConfigError(f"--carry {path}: not a JSON report written by `fipurify report` (no rows / generated_at)")
+    if doc.get("spec") != spec.name:
+        raise ConfigError(f"--carry {path}: it reports spec {doc.get('spec')!r}, not {spec.name!r}")
+    return doc
+
+
+def _carried_row(doc: dict[str, Any], dims: dict[str, str]) -> dict[str, Any] | None:
+    """The earlier report's row for these dimension values, if it had a finished run."""
+    for r in doc["rows"]:
+        if all(str(r.get(d)) == str(v) for d, v in dims.items()) and int(r.get("n") or 0) > 0:
+            return r
+    return None
+
+
+def build_table(spec: Spec, store: ResultStore, carry: dict[str, Any] | None = None) -> Table:
+    """Aggregate the stored results of ``spec``'s grid (looked up by run key) into a table.
+
+    ``carry`` (an earlier JSON report of the same spec, :func:`load_carry`) fills each row none of
+    whose runs is in the store (not run here; a failed run is a result and is shown) with that report's
+    figures, marked as carried: a store lost with its machine need not cost the rows it held.
+    """
     runs = spec.runs()
     dims = spec.dims()
     columns = list(spec.table.get("columns", DEFAULT_COLUMNS))
@@ -153,7 +189,7 @@ def build_table(spec: Spec, store: ResultStore) -> Table:
     rows, failed, missing = [], [], []
     env: dict[str, set[str]] = {k: set() for k in ("fipurify_version", "code_hash", "torch_version", "python_version",
                                                     "device", "host")}
-    n_ok = 0
+    n_ok = n_carried = 0
     train_s: dict[str, float] = {}  # base model key -> its training seconds (counted once per model)
     purify_s = 0.0
     for key, members in groups.items():
@@ -176,6 +212,17 @@ def build_table(spec: Spec, store: ResultStore) -> Table:
         n_ok += len(ok)
         cells = {m: Cell.of([metric_value(r, m) for r in ok]) for m in METRICS}
         d = dict(zip(dims, key))
+        old = _carried_row(carry, d) if carry is not None and all(by_key.get(r.key) is None for r in members) else None
+        if old is not None:
+            n = int(old["n"])
+            cells = {m: Cell(old.get(f"{m}_mean"), old.get(f"{m}_std"), n if old.get(f"{m}_mean") is not None else 0)
+                     for m in METRICS}
+            labels = {r.label for r in members}
+            missing = [m for m in missing if m not in labels]
+            n_carried += len(members)
+            rows.append(TableRow(d, cells, n, len(members), paper=_paper_numbers(spec, d),
+                                 carried_from=old.get("carried_from") or carry["generated_at"]))
+            continue
         rows.append(TableRow(d, cells, len(ok), len(members), paper=_paper_numbers(spec, d)))
     _mark_best(rows, dims, list(METRICS))
     by_device: dict[str, list[float]] = {}  # device -> [seconds, models]
@@ -185,8 +232,12 @@ def build_table(spec: Spec, store: ResultStore) -> Table:
         acc[1] += 1
     compute = {"train_seconds": sum(v[0] for v in by_device.values()), "n_models": len(train_s),
                "purify_seconds": purify_s, "train_by_device": by_device}
+    carried = {}
+    if n_carried:
+        carried = {"generated_at": sorted({r.carried_from for r in rows if r.carried_from}),
+                   "code_hash": list((carry.get("environment") or {}).get("code_hash") or [])}
     return Table(spec, dims, columns, rows, failed, missing, {k: sorted(v) for k, v in env.items()},
-                 len(runs), n_ok, compute)
+                 len(runs), n_ok, compute, n_carried, carried)
 
 
 def format_cell(metric: str, cell: Cell) -> str:
