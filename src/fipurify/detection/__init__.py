@@ -7,7 +7,9 @@ trigger is anomalously small (median-absolute-deviation test, :mod:`.outlier`):
 * ``neural-cleanse`` (:mod:`.neural_cleanse`, the default): mask + pattern, size = mask L1
   (Wang et al., S&P 2019); the suspected class's trigger is then refined toward the paper's
   smallest mask (the one reported, drawn and used for the proxy ASR);
-* ``uap`` (:mod:`.uap`): targeted universal adversarial perturbation, size = its L2 norm (cheaper).
+* ``uap`` (:mod:`.uap`): targeted universal adversarial perturbation, size = its L2 norm (cheaper);
+* ``point-cluster`` (:mod:`.point_cluster`): point clouds, a small cluster of points per class,
+  size = 1 - the share of other classes' clouds it sends there (Xiang et al., ICASSP 2022).
 
 Clean data only: the clean set is split per class into an optimisation part and a held-out
 part (``holdout`` = 20 %, at most ``max_holdout`` = 500 images); triggers toward class ``c``
@@ -31,7 +33,7 @@ from .base import ClassResult, Detector, DetectorConfig, flip_rate, replayed_fli
 from .outlier import DEFAULT_THRESHOLD, MAD_CONSTANT, anomaly_indices, class_count_threshold, most_anomalous
 from .registry import DEFAULT_METHOD, DETECTORS, available, create, register
 from .report import DetectionReport, Trigger
-from . import neural_cleanse, uap  # noqa: E402,F401  (the families register themselves)
+from . import neural_cleanse, point_cluster, uap  # noqa: E402,F401  (the families register themselves)
 from .neural_cleanse import NeuralCleanse, NeuralCleanseConfig
 from .uap import UAP, UAPConfig
 

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..defenses.base import Configured, Options
 from ..errors import ConfigError
-from .clean import CleanSplit, load_clean
+from .clean import CleanSplit, check_images, load_clean
 from .outlier import DEFAULT_THRESHOLD, REFERENCE_CLASSES, anomaly_indices, class_count_threshold
 from .report import DetectionReport, Trigger
 
@@ -98,7 +98,14 @@ class Detector(Configured):
     config_class: ClassVar[type[DetectorConfig]] = DetectorConfig
     #: what :attr:`ClassResult.size` measures, for tables
     size_name: ClassVar[str] = "size"
+    #: the options that buy a class more optimisation when none reaches the flip rate
+    budget_options: ClassVar[str] = "max_steps"
     config: DetectorConfig
+
+    def check_items(self, x0: Any) -> None:
+        """DataError (one line) unless ``x0`` is an item this family reverses a trigger on (default:
+        a C x H x W image or a T x C x H x W clip)."""
+        check_images(x0)
 
     @abstractmethod
     def reverse(self, model: nn.Module, images: torch.Tensor, target: int,
@@ -109,7 +116,8 @@ class Detector(Configured):
         """Analyse ``model`` on ``clean_data`` (clean images only); the model is left unchanged."""
         cfg = self.config
         t0 = time.perf_counter()
-        data = load_clean(model, clean_data, cfg.holdout, cfg.max_holdout, cfg.min_per_class, cfg.seed)
+        data = load_clean(model, clean_data, cfg.holdout, cfg.max_holdout, cfg.min_per_class, cfg.seed,
+                          self.check_items)
         notes = []
         if data.missing:
             notes.append("the clean set has no images of class(es) " + ", ".join(data.label(c) for c in data.missing)
@@ -144,8 +152,8 @@ class Detector(Configured):
             # a class whose trigger was not found has only a bound on its size: it cannot be the verdict's target
             found = [i for i, c in enumerate(classes) if results[c].reached]
             if not found:
-                notes.append(f"no class reached the flip rate {cfg.flip_rate:g} within max_steps={cfg.max_steps}: "
-                             "the verdict is not meaningful; raise max_steps")
+                notes.append(f"no class reached the flip rate {cfg.flip_rate:g} within its optimisation budget: "
+                             f"the verdict is not meaningful; raise {self.budget_options}")
                 warnings.warn(notes[-1], stacklevel=2)
             best = max(found or range(len(classes)), key=lambda i: index[i])
             candidate, score = classes[best], float(index[best])
@@ -179,7 +187,8 @@ class Detector(Configured):
     def split(self, model: nn.Module, clean_data: Dataset | DataLoader) -> CleanSplit:
         """The checked clean split this detector works on (the same for the same data and seed)."""
         cfg = self.config
-        return load_clean(model, clean_data, cfg.holdout, cfg.max_holdout, cfg.min_per_class, cfg.seed)
+        return load_clean(model, clean_data, cfg.holdout, cfg.max_holdout, cfg.min_per_class, cfg.seed,
+                          self.check_items)
 
 
 def flip_rate(model: nn.Module, trigger: Trigger, images: torch.Tensor, target: int,

@@ -7,6 +7,7 @@ fitted to. Every check here runs before any optimisation, and raises one readabl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -60,14 +61,22 @@ def model_classes(model: nn.Module, image: torch.Tensor) -> int:
     return int(out.shape[1])
 
 
+def check_images(x0: Any) -> None:
+    """DataError unless ``x0`` is a C x H x W image or a T x C x H x W clip (the pixel-trigger
+    detectors' items: a trigger on a clip is the same mask and pattern on every frame)."""
+    if not isinstance(x0, torch.Tensor) or x0.ndim not in (3, 4):
+        raise DataError(f"clean images must be C x H x W tensors (or T x C x H x W clips), got shape "
+                        f"{tuple(getattr(x0, 'shape', ()))}")
+
+
 def load_clean(model: nn.Module, clean_data: Dataset | DataLoader, holdout: float, max_holdout: int,
-               min_per_class: int, seed: int) -> CleanSplit:
+               min_per_class: int, seed: int, check: Callable[[Any], None] = check_images) -> CleanSplit:
     """Check ``clean_data`` against ``model`` and split it, stratified by class.
 
     Each class keeps ``round(holdout * n_c)`` of its images for measuring (at least one),
     the rest for optimising; the measuring part is then capped at ``max_holdout`` images.
-    Raises DataError for an empty set, items that are neither C x H x W images nor T x C x H x W
-    clips (a trigger on a clip is the same mask and pattern on every frame), a model output that is
+    Raises DataError for an empty set, items the detector cannot take (``check``: by default
+    C x H x W images or T x C x H x W clips), a model output that is
     not class scores, labels out of range, fewer than ``min_per_class`` images in a class that
     has any, or fewer than three classes with images (the outlier test compares classes).
     """
@@ -75,9 +84,7 @@ def load_clean(model: nn.Module, clean_data: Dataset | DataLoader, holdout: floa
     if len(data) == 0:
         raise DataError("the clean set is empty")
     x0, _ = data[0]
-    if not isinstance(x0, torch.Tensor) or x0.ndim not in (3, 4):
-        raise DataError(f"clean images must be C x H x W tensors (or T x C x H x W clips), got shape "
-                        f"{tuple(getattr(x0, 'shape', ()))}")
+    check(x0)
     num_classes = model_classes(model, x0)
     n_data = getattr(data, "num_classes", None)
     if n_data is not None and n_data != num_classes:

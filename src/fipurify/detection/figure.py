@@ -13,9 +13,9 @@ from .report import DetectionReport
 
 def plot_trigger(report: DetectionReport, model: nn.Module, images: torch.Tensor,
                  path: str | os.PathLike, n_examples: int = 4, dpi: int = 120) -> Path:
-    """Write a PNG: the candidate class's trigger (mask and pattern, or the perturbation) and up
-    to ``n_examples`` clean ``images`` (N x C x H x W in [0, 1], other classes) before and after
-    stamping it, titled with the model's predictions. Matplotlib's Agg canvas only (no pyplot)."""
+    """Write a PNG: the candidate class's trigger (mask and pattern, the perturbation, or a cluster
+    of points) and up to ``n_examples`` clean ``images`` (N x C x H x W in [0, 1], or point clouds
+    N x P x 3 drawn from the side; other classes) before and after stamping it, titled with the model's predictions. Matplotlib's Agg canvas only (no pyplot)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -38,7 +38,10 @@ def plot_trigger(report: DetectionReport, model: nn.Module, images: torch.Tensor
         pred_clean = model(x.to(device)).argmax(1).tolist()
         pred_trig = model(stamped).argmax(1).tolist()
     model.train(model_was_training)
-    panels = [("trigger" if trig.kind == "mask-pattern" else "perturbation (scaled)", trig.image())]
+    if trig.kind == "points":
+        panels = [(f"trigger: {len(trig.points)} points", trig.points)]
+    else:
+        panels = [("trigger" if trig.kind == "mask-pattern" else "perturbation (scaled)", trig.image())]
     if trig.mask is not None:
         panels.append((f"mask (L1 {float(trig.mask.sum()):.1f})", trig.mask))
     ncols = max(len(panels), len(x))
@@ -47,11 +50,12 @@ def plot_trigger(report: DetectionReport, model: nn.Module, images: torch.Tensor
     axes = fig.subplots(3, ncols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    show = _show_points if trig.kind == "points" else _show
     for j, (title, img) in enumerate(panels):
-        _show(axes[0, j], img, title)
+        show(axes[0, j], img, title)
     for j in range(len(x)):
-        _show(axes[1, j], x[j], f"clean: {report.class_label(pred_clean[j])}")
-        _show(axes[2, j], stamped[j].cpu(), f"+ trigger: {report.class_label(pred_trig[j])}")
+        show(axes[1, j], x[j], f"clean: {report.class_label(pred_clean[j])}")
+        show(axes[2, j], stamped[j].cpu(), f"+ trigger: {report.class_label(pred_trig[j])}")
     status = (f"suspected target {report.class_label(report.target)}" if report.backdoored
               else f"not flagged (most suspicious {report.class_label(report.candidate)})")
     fig.suptitle(f"{report.method}: {status}, score {report.score:.2f}, proxy ASR "
@@ -59,6 +63,16 @@ def plot_trigger(report: DetectionReport, model: nn.Module, images: torch.Tensor
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def _show_points(ax, cloud: torch.Tensor, title: str) -> None:
+    """A point cloud (N x 3) seen from the side: x across, z (up) vertical, in the unit square."""
+    a = cloud.detach().cpu().float().numpy()
+    ax.scatter(a[:, 0], a[:, 2], s=1.5, c="k", linewidths=0)
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=7)
 
 
 def _show(ax, img: torch.Tensor, title: str) -> None:

@@ -15,13 +15,15 @@ class Trigger:
 
     ``kind`` is ``"mask-pattern"`` (Neural Cleanse: ``x' = (1 - m) * x + m * p`` with a mask
     ``m`` of shape 1 x H x W and a pattern ``p`` of shape C x H x W) or ``"perturbation"``
-    (a universal additive ``delta`` of shape C x H x W: ``x' = clip(x + delta, 0, 1)``).
+    (a universal additive ``delta`` of shape C x H x W: ``x' = clip(x + delta, 0, 1)``) or
+    ``"points"`` (point clouds: ``points``, K x 3, replace each cloud's K points nearest their mean).
     """
     kind: str
     target: int
     mask: torch.Tensor | None = None
     pattern: torch.Tensor | None = None
     delta: torch.Tensor | None = None
+    points: torch.Tensor | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Stamp the trigger on a batch (N x C x H x W) or one image (C x H x W); a mask and pattern
@@ -29,6 +31,14 @@ class Trigger:
         if self.kind == "mask-pattern":
             m, p = self.mask.to(x.device), self.pattern.to(x.device)
             return (1 - m) * x + m * p
+        if self.kind == "points":
+            from ..attacks.point_base import batched_points, place_cluster
+
+            xb, single = batched_points(x)
+            pts = self.points.to(xb)
+            centre = pts.mean(0)
+            out = place_cluster(xb, centre, pts - centre)
+            return out[0] if single else out
         return (x + self.delta.to(x.device)).clamp(0, 1)
 
     def image(self) -> torch.Tensor:
@@ -41,7 +51,8 @@ class Trigger:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in
-                (("mask", self.mask), ("pattern", self.pattern), ("delta", self.delta)) if v is not None}
+                (("mask", self.mask), ("pattern", self.pattern), ("delta", self.delta), ("points", self.points))
+                if v is not None}
 
     def summary(self) -> dict[str, Any]:
         """Sizes of the trigger for JSON (the tensors themselves go to :meth:`DetectionReport.save_triggers`)."""
@@ -53,6 +64,11 @@ class Trigger:
             ys, xs = torch.nonzero(m[0] > 0.5, as_tuple=True)
             if len(ys):
                 out["mask_box"] = [int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max())]
+        if self.points is not None:
+            p = self.points.detach().float()
+            c = p.mean(0)
+            out.update(n_points=int(len(p)), centre=[float(v) for v in c],
+                       radius=float((p - c).norm(dim=1).max()))
         if self.delta is not None:
             d = self.delta.detach().float()
             out.update(shape=list(d.shape), l2=float(d.norm()), linf=float(d.abs().max()),
