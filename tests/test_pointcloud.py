@@ -463,3 +463,34 @@ def test_point_cluster_detector_refuses_images_and_pixel_detectors_refuse_clouds
         detect(models.create("preactresnet18", num_classes=4, width=4, input_size=8), images, method="point-cluster")
     with pytest.raises(ConfigError, match="points must lie in"):
         detect(model, toy_clouds(40), method="point-cluster", points=1.5)
+
+
+def test_detect_unlearn_on_point_clouds_uses_the_cluster_detector_and_the_task_augmentation():
+    """detect-unlearn on a point-cloud model: "auto" picks the point-cluster detector, the augmentation
+    check measures the task's own augmentation (rotation, scaling, jitter; never a flip), and a flagged
+    class's cluster is stamped on a share of the clouds; the shared-adversarial variant, which perturbs
+    pixels, is refused in one line."""
+    import fipurify.defenses  # noqa: F401  (registers the methods)
+    from fipurify.defenses.base import DEFENSES
+    from fipurify.defenses.trigger_unlearn import augmentations_kept, stamp_triggers
+    from fipurify.detection.report import Trigger
+    from fipurify.training import TrainConfig, train_model
+
+    train, reserve = toy_clouds(160, seed=0), toy_clouds(80, seed=2)
+    torch.manual_seed(0)
+    model = models.create("pointnet", num_classes=4, width=4)
+    train_model(model, train, TrainConfig(epochs=2, lr=0.05, batch_size=32, seed=0), progress=False, log=None,
+                task=task_of(train))
+    kept = augmentations_kept(model, reserve, 0.05, 0, task_of(reserve))
+    assert kept["flip"] is False and set(kept["accuracy"]) == {"plain", "augmented"}
+    defense = DEFENSES.create("detect-unlearn", epochs=1, rounds=1, verify=False, batch_size=32,
+                              detector_options={"restarts": 1, "steps": 10})
+    defense.purify(model, reserve, progress=False)
+    assert defense.detector_name() == "point-cluster"
+    assert defense.report["rounds"][0]["proxy_asr"] is not None
+    trig = Trigger("points", 0, points=torch.full((3, 3), 0.5))
+    x = torch.stack([reserve[i][0] for i in range(8)])
+    out = stamp_triggers(x, [trig], 1.0, torch.Generator().manual_seed(0))
+    assert ((out - x).abs().sum(-1) > 0).sum(1).le(3).all() and (out == 0.5).all(-1).sum(1).eq(3).all()
+    with pytest.raises(ConfigError, match="shared_weight=0"):
+        DEFENSES.create("fisher-unlearn", epochs=1).purify(model, reserve, progress=False)

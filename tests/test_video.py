@@ -290,3 +290,25 @@ def test_neural_cleanse_reverses_one_trigger_for_every_frame_of_a_clip(clips):
     assert report.proxy_asr > 0.5
     with pytest.raises(DataError, match=r"C x H x W tensors \(or T x C x H x W clips\), got shape \(8, 2, 3, 32, 32\)"):
         detect(model, [(torch.zeros(8, 2, 3, 32, 32), 0)] * 30, method="neural-cleanse")
+
+
+def test_trigger_unlearn_takes_clips(clips):
+    """trigger-unlearn on a clip model: its detector (auto: Neural Cleanse) flags the toy's corner
+    backdoor, the unlearning stamps the recovered trigger on every frame of a share of the clips, and
+    the augmentation check measures the task's own clip augmentation (one crop per clip, never a flip)."""
+    import fipurify.defenses  # noqa: F401  (registers the methods)
+    from fipurify.defenses.base import DEFENSES
+
+    model = _CornerClipToy()
+    xs = torch.stack([clips[i][0] for i in range(len(clips))])
+    with torch.no_grad():
+        model.head.bias.sub_(model(xs).mean(0))
+    defense = DEFENSES.create("trigger-unlearn", epochs=1, rounds=1, verify=False, batch_size=16,
+                              detector_options={"max_steps": 60, "refine_steps": 0})
+    purified = defense.purify(model, clips, progress=False)
+    report = defense.report
+    assert defense.detector_name() == "neural-cleanse" and report["unlearned_targets"] == [0]
+    assert report["augmentation"]["flip"] is False and set(report["augmentation"]["accuracy"]) == {"plain", "augmented"}
+    assert not torch.equal(purified.head.weight, model.head.weight)
+    with pytest.raises(ConfigError, match="shared_weight=0"):
+        DEFENSES.create("fisher-unlearn", epochs=1).purify(model, clips, progress=False)

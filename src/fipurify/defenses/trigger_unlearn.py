@@ -78,7 +78,8 @@ class TriggerUnlearnConfig(DefenseConfig):
     ``stamp``: share of each batch stamped with a recovered trigger (true labels kept).
     ``eta_r``: weight of the clean-Fisher anchor (0 = off). ``rounds``: detect-unlearn rounds
     at most; ``verify``: run the detector once more after the last unlearning round (its
-    verdict is the report's last ``rounds`` entry). ``detector``: a :mod:`fipurify.detection` method; ``detector_options`` its
+    verdict is the report's last ``rounds`` entry). ``detector``: a :mod:`fipurify.detection` method, or
+    "auto" for the task's (``point-cluster`` on point clouds, ``neural-cleanse`` on images and clips); ``detector_options`` its
     options (e.g. ``{"max_steps": 50}``). ``shared_weight``: weight of SAU's shared-adversarial
     unlearning term (0 = off; > 0 also makes the first round unlearn when nothing is flagged);
     ``adv_eps``, ``adv_steps``, ``adv_step_size``, ``adv_init``: its PGD (SAU's defaults).
@@ -90,7 +91,7 @@ class TriggerUnlearnConfig(DefenseConfig):
     eta_r: float = 0.0
     rounds: int = 2
     verify: bool = True
-    detector: str = "neural-cleanse"
+    detector: str = "auto"
     detector_options: dict[str, Any] | None = None
     auto_augment: bool = True
     augment_tolerance: float = 0.05
@@ -131,8 +132,15 @@ class TriggerUnlearn(Defense):
                                  "adversarial unlearning, so a backdoor the detector misses is unlearned too"}
     config_class = TriggerUnlearnConfig
     config: TriggerUnlearnConfig
-    tasks = ("image-classification",)
-    task_reason = "it recovers and stamps a pixel trigger (mask and pattern on C x H x W images)"
+    tasks = ("image-classification", "video-classification", "pointcloud-classification")
+    task_reason = ("it recovers and stamps a trigger with a detector: a mask and pattern on images and on every frame "
+                   "of a clip, a cluster of points on a point cloud")
+
+    def detector_name(self) -> str:
+        """The detector used: the configured one, or for "auto" the task's."""
+        if self.config.detector != "auto":
+            return self.config.detector
+        return "point-cluster" if self.task.name == "pointcloud-classification" else "neural-cleanse"
 
     def _detect(self, model: nn.Module, train_set: Dataset):
         """The detector's report, or (with the shared-adversarial term, which works without it) the
@@ -140,7 +148,7 @@ class TriggerUnlearn(Defense):
         from ..detection import detect  # detection builds on defenses.base: imported when used
         opts = {"seed": self.config.seed, **(self.config.detector_options or {})}
         try:
-            return detect(model, train_set, method=self.config.detector, **opts)
+            return detect(model, train_set, method=self.detector_name(), **opts)
         except DataError as e:
             if self.config.shared_weight > 0:
                 return str(e)
@@ -150,6 +158,9 @@ class TriggerUnlearn(Defense):
     def _purify(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None, *,
                 progress: bool, callback: EpochCallback | None) -> Step:
         cfg = self.config
+        if cfg.shared_weight > 0 and self.task.name != "image-classification":
+            raise ConfigError(f"{self.method_name()}'s shared adversarial unlearning (shared_weight > 0) perturbs "
+                              f"images in [0, 1]; on a {self.task.name} model use shared_weight=0 (detect-unlearn)")
         seconds = {"detect": 0.0, "setup": 0.0}
         history: list[dict[str, Any]] = []
         rounds: list[dict[str, Any]] = []
@@ -159,7 +170,7 @@ class TriggerUnlearn(Defense):
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         augmentation = {"augment": cfg.augment, "flip": cfg.flip}
         if cfg.auto_augment:
-            augmentation = augmentations_kept(model, train_set, cfg.augment_tolerance, cfg.seed)
+            augmentation = augmentations_kept(model, train_set, cfg.augment_tolerance, cfg.seed, self.task)
         schedule = cfg.updated(**{k: augmentation[k] for k in ("augment", "flip")})
         reference = None
         if cfg.shared_weight > 0:  # the frozen backdoored model whose adversarial labels are unlearned
@@ -267,7 +278,8 @@ def format_rounds(report: dict[str, Any]) -> str | None:
 
 
 @torch.no_grad()
-def augmentations_kept(model: nn.Module, data: Dataset, tolerance: float, seed: int = 0) -> dict[str, Any]:
+def augmentations_kept(model: nn.Module, data: Dataset, tolerance: float, seed: int = 0,
+                       task: Any = None) -> dict[str, Any]:
     """Which training augmentations the model is already invariant to, judged on clean data.
 
     A model trained without augmentation, or on a task where a flip changes the label (traffic
@@ -275,9 +287,13 @@ def augmentations_kept(model: nn.Module, data: Dataset, tolerance: float, seed: 
     costs clean accuracy for nothing. The clean accuracy (eval mode) on the images as they
     are, after a random crop (zero padding 4) and after a horizontal flip is measured; each
     augmentation is kept if it costs at most ``tolerance`` of accuracy. Returns the decision
-    (``augment`` = crop, ``flip``) and the three accuracies.
+    (``augment`` = crop, ``flip``) and the three accuracies. For another ``task`` (clips, point
+    clouds) the task's own augmentation (:meth:`.Task.augment`, no flip) is measured the same way:
+    ``augment`` is kept or dropped, ``flip`` is False.
     """
     from ..augment import random_crop_flip
+    if task is not None and task.name != "image-classification":
+        return _task_augmentation_kept(model, data, tolerance, seed, task)
     was = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -296,6 +312,26 @@ def augmentations_kept(model: nn.Module, data: Dataset, tolerance: float, seed: 
     acc = {k: v / max(n, 1) for k, v in hits.items()}
     return {"augment": acc["crop"] >= acc["plain"] - tolerance, "flip": acc["flip"] >= acc["plain"] - tolerance,
             "accuracy": acc}
+
+
+@torch.no_grad()
+def _task_augmentation_kept(model: nn.Module, data: Dataset, tolerance: float, seed: int, task: Any) -> dict[str, Any]:
+    """:func:`augmentations_kept` for a task other than images: plain against ``task.augment``."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    hits, n = {"plain": 0, "augmented": 0}, 0
+    try:
+        for x, y in DataLoader(data, batch_size=256, collate_fn=task.collate_fn):
+            x, y = x.to(device), torch.as_tensor(y).to(device)
+            hits["plain"] += int((model(x).argmax(1) == y).sum())
+            hits["augmented"] += int((model(task.augment(x, gen, flip=False)).argmax(1) == y).sum())
+            n += len(y)
+    finally:
+        model.train(was)
+    acc = {k: v / max(n, 1) for k, v in hits.items()}
+    return {"augment": acc["augmented"] >= acc["plain"] - tolerance, "flip": False, "accuracy": acc}
 
 
 def _replayed(model: nn.Module, triggers: dict[int, Any], holdout: Dataset | None) -> dict[int, float]:
