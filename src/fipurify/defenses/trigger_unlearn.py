@@ -124,12 +124,14 @@ class TriggerUnlearn(Defense):
     """Clean-data trigger recovery, then unlearning under the clean-Fisher anchor (see module doc)."""
 
     name = "trigger-unlearn"
-    summary = {"trigger-unlearn": "trigger recovery from clean data (Neural Cleanse), then unlearning it",
+    summary = {"trigger-unlearn": "trigger recovery from clean data (Neural Cleanse; on point clouds a cluster of "
+                                  "points), then unlearning it",
                "trigger-unlearn-fisher": "as `trigger-unlearn`, with the clean-Fisher anchor (eta_r = 1)",
                "detect-unlearn": "`trigger-unlearn-fisher` at eta_r = 0.3, the setting the clean-data rule picked "
                                  "(a backdoor the detector misses is left); the first step of the default",
                "fisher-unlearn": "as `detect-unlearn`, always adding SAU's shared "
-                                 "adversarial unlearning, so a backdoor the detector misses is unlearned too"}
+                                 "adversarial unlearning, so a backdoor the detector misses is unlearned too "
+                                 "(that term perturbs pixels: images only)"}
     config_class = TriggerUnlearnConfig
     config: TriggerUnlearnConfig
     tasks = ("image-classification", "video-classification", "pointcloud-classification")
