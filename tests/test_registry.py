@@ -97,7 +97,7 @@ def test_the_default_method_is_chosen_per_task(monkeypatch):
         assert defenses.default_method() == defenses.default_method("image-classification") == "detect-unlearn-clip-all"
     with pytest.warns(UserWarning, match="no purifier has been shown to remove a backdoor on translation"):
         assert defenses.default_method("translation") == registry.FALLBACK_METHOD == "ffip"
-    with pytest.warns(UserWarning, match="measured on one model only"):  # provisional: it says so
+    with pytest.warns(UserWarning, match="measured on two models of one stand-in dataset"):  # provisional: it says so
         assert defenses.default_method("video-classification") == "act-clip-all"
     assert defenses.create("act-clip-all").config.layers == 1.0
     assert defenses.create().method_name() == "detect-unlearn-clip-all"
