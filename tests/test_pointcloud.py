@@ -494,3 +494,24 @@ def test_detect_unlearn_on_point_clouds_uses_the_cluster_detector_and_the_task_a
     assert ((out - x).abs().sum(-1) > 0).sum(1).le(3).all() and (out == 0.5).all(-1).sum(1).eq(3).all()
     with pytest.raises(ConfigError, match="shared_weight=0"):
         DEFENSES.create("fisher-unlearn", epochs=1).purify(model, reserve, progress=False)
+
+
+def test_point_cluster_size_climbs_the_ladder_to_the_smallest_cluster():
+    """point-cluster-size: each class climbs the ladder of cluster sizes (here 3 and 8 of 64 points) until
+    its cluster sends half the other classes' clouds there; a size lies at or below the rung that reached
+    it and above the previous one, a class no rung reaches is censored above the largest rung and not
+    "found". The planted backdoor (class 0) is reached, with a cluster of that rung's size."""
+    from fipurify.detection import detect
+    from fipurify.training import TrainConfig, train_model
+
+    train, reserve = toy_clouds(160, seed=0), toy_clouds(80, seed=2)
+    torch.manual_seed(0)
+    base = models.create("pointnet", num_classes=4, width=4)
+    train_model(base, train, TrainConfig(epochs=3, lr=0.05, batch_size=32, seed=0), progress=False, log=None,
+                task=task_of(train))
+    r = detect(_Planted(base), reserve, method="point-cluster-size", restarts=2, steps=30, ladder=(3 / 64, 8 / 64))
+    rows = {row["class"]: row for row in r.per_class}
+    assert rows[0]["reached"] and 0 < rows[0]["size"] <= 8
+    assert len(r.triggers[0].points) == (3 if rows[0]["size"] <= 3 else 8)
+    for row in rows.values():
+        assert (row["reached"] and 0 < row["size"] <= 8) or (not row["reached"] and row["size"] > 8)
