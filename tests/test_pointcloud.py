@@ -466,7 +466,7 @@ def test_point_cluster_detector_refuses_images_and_pixel_detectors_refuse_clouds
 
 
 def test_detect_unlearn_on_point_clouds_uses_the_cluster_detector_and_the_task_augmentation():
-    """detect-unlearn on a point-cloud model: "auto" picks the point-cluster detector, the augmentation
+    """detect-unlearn on a point-cloud model: "auto" picks the point-cluster-size detector, the augmentation
     check measures the task's own augmentation (rotation, scaling, jitter; never a flip), and a flagged
     class's cluster is stamped on a share of the clouds; the shared-adversarial variant, which perturbs
     pixels, is refused in one line."""
@@ -486,7 +486,7 @@ def test_detect_unlearn_on_point_clouds_uses_the_cluster_detector_and_the_task_a
     defense = DEFENSES.create("detect-unlearn", epochs=1, rounds=1, verify=False, batch_size=32,
                               detector_options={"restarts": 1, "steps": 10})
     defense.purify(model, reserve, progress=False)
-    assert defense.detector_name() == "point-cluster"
+    assert defense.detector_name() == "point-cluster-size"
     assert defense.report["rounds"][0]["proxy_asr"] is not None
     trig = Trigger("points", 0, points=torch.full((3, 3), 0.5))
     x = torch.stack([reserve[i][0] for i in range(8)])

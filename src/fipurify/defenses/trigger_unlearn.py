@@ -79,7 +79,7 @@ class TriggerUnlearnConfig(DefenseConfig):
     ``eta_r``: weight of the clean-Fisher anchor (0 = off). ``rounds``: detect-unlearn rounds
     at most; ``verify``: run the detector once more after the last unlearning round (its
     verdict is the report's last ``rounds`` entry). ``detector``: a :mod:`fipurify.detection` method, or
-    "auto" for the task's (``point-cluster`` on point clouds, ``neural-cleanse`` on images and clips); ``detector_options`` its
+    "auto" for the task's (``point-cluster-size`` on point clouds, ``neural-cleanse`` on images and clips); ``detector_options`` its
     options (e.g. ``{"max_steps": 50}``). ``shared_weight``: weight of SAU's shared-adversarial
     unlearning term (0 = off; > 0 also makes the first round unlearn when nothing is flagged);
     ``adv_eps``, ``adv_steps``, ``adv_step_size``, ``adv_init``: its PGD (SAU's defaults).
@@ -142,7 +142,7 @@ class TriggerUnlearn(Defense):
         """The detector used: the configured one, or for "auto" the task's."""
         if self.config.detector != "auto":
             return self.config.detector
-        return "point-cluster" if self.task.name == "pointcloud-classification" else "neural-cleanse"
+        return "point-cluster-size" if self.task.name == "pointcloud-classification" else "neural-cleanse"
 
     def _detect(self, model: nn.Module, train_set: Dataset):
         """The detector's report, or (with the shared-adversarial term, which works without it) the
