@@ -131,25 +131,10 @@ def _is_sqlite(path: Path) -> bool:
         return False
 
 
-def _report_spec(path: Path) -> str:
-    """The spec name of a JSON report (ConfigError, one line, for a file that is not one)."""
-    import json
-
-    from ..errors import ConfigError
-
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--carry {path}: not a readable JSON report ({type(e).__name__}: {e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), str):
-        raise ConfigError(f"--carry {path}: not a JSON report written by `fipurify report`")
-    return doc["spec"]
-
-
 def cmd_report(args) -> int:
     from ..errors import ConfigError
     from .render import FORMATS, write_report
-    from .report import build_table, load_carry
+    from .report import build_table, read_report
     from .spec import load_spec, parse_spec
     from .store import ResultStore
 
@@ -163,11 +148,10 @@ def cmd_report(args) -> int:
         raise ConfigError("give the database either as SOURCE or as --db, not two different ones")
     db = source if from_db else (args.db or DEFAULT_DB)
     spec = None if from_db else load_spec(args.source)  # a bad spec fails before anything is written
-    carry_files = list(args.carry)
-    for path in carry_files:  # each readable, and of the spec asked for, before the store is touched
-        name = _report_spec(path)
-        if spec is not None and name != spec.name:
-            raise ConfigError(f"--carry {path}: it reports spec {name!r}, not {spec.name!r}")
+    carry_docs = {path: read_report(path) for path in args.carry}  # each read once, before the store is touched
+    for path, doc in carry_docs.items():
+        if spec is not None and doc["spec"] != spec.name:
+            raise ConfigError(f"--carry {path}: it reports spec {doc['spec']!r}, not {spec.name!r}")
     if not args.merge and not Path(db).is_file():
         raise ConfigError(f"no results database at {db}; run `fipurify bench` first or pass --db")
     with ResultStore(db) as store:
@@ -180,13 +164,13 @@ def cmd_report(args) -> int:
             specs = [parse_spec(d) for d in store.specs().values()]
             if not specs:
                 raise ConfigError(f"{db} holds no spec; render it with `fipurify report SPEC --db {db}`")
+        names = [s.name for s in specs]
         carries = {}
-        for path in carry_files:
-            name = next((s.name for s in specs if _report_spec(path) == s.name), None)
-            if name is None:
-                raise ConfigError(f"--carry {path}: it reports spec {_report_spec(path)!r}, which is not rendered here "
-                                  f"({', '.join(s.name for s in specs)})")
-            carries[name] = load_carry(path, next(s for s in specs if s.name == name))
+        for path, doc in carry_docs.items():
+            if doc["spec"] not in names:
+                raise ConfigError(f"--carry {path}: it reports spec {doc['spec']!r}, which is not rendered here "
+                                  f"({', '.join(names)})")
+            carries[doc["spec"]] = doc
         for spec in specs:
             table = build_table(spec, store, carries.get(spec.name))
             paths = write_report(table, args.out, args.figures, extra_figures=args.figures is not None,

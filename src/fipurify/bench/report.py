@@ -150,17 +150,26 @@ def _mark_best(rows: list[TableRow], dims: list[str], columns: list[str]) -> Non
                     r.best.add(col)
 
 
-def load_carry(path: str | Path, spec: Spec) -> dict[str, Any]:
-    """An earlier JSON report of ``spec`` (written by :func:`~fipurify.bench.render.to_json`) whose rows
-    may fill the cells this store has no run for; ConfigError (one line) for anything else."""
+def read_report(path: str | Path) -> dict[str, Any]:
+    """An earlier JSON report (written by :func:`~fipurify.bench.render.to_json`), for ``--carry``;
+    ConfigError (one line) for a file that is not one."""
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"--carry {path}: not a readable JSON report ({type(e).__name__}: {e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list) or "generated_at" not in doc:
-        raise ConfigError(f"--carry {path}: not a JSON report written by `fipurify report` (no rows / generated_at)")
-    if doc.get("spec") != spec.name:
-        raise ConfigError(f"--carry {path}: it reports spec {doc.get('spec')!r}, not {spec.name!r}")
+    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), str) or not isinstance(doc.get("rows"), list) \
+            or "generated_at" not in doc:
+        raise ConfigError(f"--carry {path}: not a JSON report written by `fipurify report` (no spec / rows / "
+                          "generated_at)")
+    return doc
+
+
+def load_carry(path: str | Path, spec: Spec) -> dict[str, Any]:
+    """An earlier JSON report of ``spec`` whose rows may fill the cells this store has no run for
+    (:func:`read_report`, and ConfigError if it reports another spec)."""
+    doc = read_report(path)
+    if doc["spec"] != spec.name:
+        raise ConfigError(f"--carry {path}: it reports spec {doc['spec']!r}, not {spec.name!r}")
     return doc
 
 

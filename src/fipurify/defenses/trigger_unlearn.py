@@ -294,46 +294,34 @@ def augmentations_kept(model: nn.Module, data: Dataset, tolerance: float, seed: 
     ``augment`` is kept or dropped, ``flip`` is False.
     """
     from ..augment import random_crop_flip
-    if task is not None and task.name != "image-classification":
-        return _task_augmentation_kept(model, data, tolerance, seed, task)
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    hits = {"plain": 0, "crop": 0, "flip": 0}
-    n = 0
-    try:
-        for x, y in DataLoader(data, batch_size=256):
-            x, y = x.to(device), torch.as_tensor(y).to(device)
-            hits["plain"] += int((model(x).argmax(1) == y).sum())
-            hits["crop"] += int((model(random_crop_flip(x, 4, False, generator=gen)).argmax(1) == y).sum())
-            hits["flip"] += int((model(x.flip(3)).argmax(1) == y).sum())
-            n += len(y)
-    finally:
-        model.train(was)
-    acc = {k: v / max(n, 1) for k, v in hits.items()}
-    return {"augment": acc["crop"] >= acc["plain"] - tolerance, "flip": acc["flip"] >= acc["plain"] - tolerance,
-            "accuracy": acc}
+    if task is None or task.name == "image-classification":
+        variants = {"crop": lambda x: random_crop_flip(x, 4, False, generator=gen), "flip": lambda x: x.flip(3)}
+        acc = _accuracies(model, data, variants)
+        return {"augment": acc["crop"] >= acc["plain"] - tolerance, "flip": acc["flip"] >= acc["plain"] - tolerance,
+                "accuracy": acc}
+    acc = _accuracies(model, data, {"augmented": lambda x: task.augment(x, gen, flip=False)}, task.collate_fn)
+    return {"augment": acc["augmented"] >= acc["plain"] - tolerance, "flip": False, "accuracy": acc}
 
 
 @torch.no_grad()
-def _task_augmentation_kept(model: nn.Module, data: Dataset, tolerance: float, seed: int, task: Any) -> dict[str, Any]:
-    """:func:`augmentations_kept` for a task other than images: plain against ``task.augment``."""
+def _accuracies(model: nn.Module, data: Dataset, variants: dict[str, Any], collate_fn: Any = None) -> dict[str, float]:
+    """Clean accuracy (eval mode; the model's mode is restored) on ``data`` as it is ("plain") and under
+    each named input transform of ``variants``, batch by batch in one pass."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    hits, n = {"plain": 0, "augmented": 0}, 0
+    hits, n = {"plain": 0, **{k: 0 for k in variants}}, 0
     try:
-        for x, y in DataLoader(data, batch_size=256, collate_fn=task.collate_fn):
+        for x, y in DataLoader(data, batch_size=256, collate_fn=collate_fn):
             x, y = x.to(device), torch.as_tensor(y).to(device)
             hits["plain"] += int((model(x).argmax(1) == y).sum())
-            hits["augmented"] += int((model(task.augment(x, gen, flip=False)).argmax(1) == y).sum())
+            for k, transform in variants.items():
+                hits[k] += int((model(transform(x)).argmax(1) == y).sum())
             n += len(y)
     finally:
         model.train(was)
-    acc = {k: v / max(n, 1) for k, v in hits.items()}
-    return {"augment": acc["augmented"] >= acc["plain"] - tolerance, "flip": False, "accuracy": acc}
+    return {k: v / max(n, 1) for k, v in hits.items()}
 
 
 def _replayed(model: nn.Module, triggers: dict[int, Any], holdout: Dataset | None) -> dict[int, float]:

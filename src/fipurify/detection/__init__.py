@@ -8,8 +8,10 @@ trigger is anomalously small (median-absolute-deviation test, :mod:`.outlier`):
   (Wang et al., S&P 2019); the suspected class's trigger is then refined toward the paper's
   smallest mask (the one reported, drawn and used for the proxy ASR);
 * ``uap`` (:mod:`.uap`): targeted universal adversarial perturbation, size = its L2 norm (cheaper);
-* ``point-cluster`` (:mod:`.point_cluster`): point clouds, a small cluster of points per class,
-  size = 1 - the share of other classes' clouds it sends there (Xiang et al., ICASSP 2022).
+* ``point-cluster-size`` (:mod:`.point_cluster`): point clouds, the smallest cluster of points per
+  class that sends half the other classes' clouds there, size = its number of points;
+  ``point-cluster`` fixes the cluster's size and compares the loss it leaves (after Xiang et al.,
+  ICASSP 2022; it flagged none of our point-cloud backdoors).
 
 Clean data only: the clean set is split per class into an optimisation part and a held-out
 part (``holdout`` = 20 %, at most ``max_holdout`` = 500 images); triggers toward class ``c``

@@ -15,7 +15,8 @@ def plot_trigger(report: DetectionReport, model: nn.Module, images: torch.Tensor
                  path: str | os.PathLike, n_examples: int = 4, dpi: int = 120) -> Path:
     """Write a PNG: the candidate class's trigger (mask and pattern, the perturbation, or a cluster
     of points) and up to ``n_examples`` clean ``images`` (N x C x H x W in [0, 1], or point clouds
-    N x P x 3 drawn from the side; other classes) before and after stamping it, titled with the model's predictions. Matplotlib's Agg canvas only (no pyplot)."""
+    N x P x 3 drawn from the side; other classes) before and after stamping it, titled with the
+    model's predictions. Matplotlib's Agg canvas only (no pyplot)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
